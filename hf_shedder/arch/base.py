@@ -1,0 +1,299 @@
+"""The interface every model family implements.
+
+An adapter knows one family's module layout (and nothing else in the package does). It lists the
+removable units, masks them reversibly for the search (module swaps, no weight copies), removes them
+physically for extraction, and exposes a layer-by-layer forward so the search can cache the hidden
+states entering each layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import PlanError
+from ..units import Plan, Unit
+
+Undo = Callable[[], None]
+
+
+class SkippedLayer(nn.Module):
+    """Stands in for a masked block: the residual stream passes through unchanged."""
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class ArchAdapter(ABC):
+    """Family-specific knowledge behind one common interface.
+
+    Subclasses set ``family``, ``model_types`` (HF ``config.model_type`` values) and ``unit_kinds``,
+    and implement the abstract methods. Plans always use the layer numbering of the unpruned model;
+    masking and ``apply_plan`` expect an unpruned model.
+    """
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    unit_kinds: ClassVar[tuple[str, ...]]
+    # Kinds whose units carry indices (heads, channels); the rest are whole components.
+    width_kinds: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+        self._undo: list[Undo] = []
+        self._masked_plan: Plan | None = None
+
+    # ------------------------------------------------------------------ structure
+    @abstractmethod
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers, in order."""
+
+    def num_layers(self) -> int:
+        return len(self.layers())
+
+    def empty_plan(self) -> Plan:
+        return Plan([], self.family, self.num_layers())
+
+    def width_size(self, kind: str, layer: int) -> int:
+        """How many indices a width kind has at ``layer`` (heads, channels)."""
+        raise PlanError(f"{self.family} has no width unit kind {kind!r}")
+
+    def width_group(self, kind: str) -> int:
+        """Indices removed together by one search candidate of a width kind."""
+        return 1
+
+    # ------------------------------------------------------------------ units
+    def all_units(self, kinds: Sequence[str] | None = None) -> list[Unit]:
+        kinds = list(kinds) if kinds else [k for k in self.unit_kinds if k not in self.width_kinds]
+        self._check_kinds(kinds)
+        units: list[Unit] = []
+        for layer in range(self.num_layers()):
+            for kind in kinds:
+                if kind in self.width_kinds:
+                    size, group = self.width_size(kind, layer), self.width_group(kind)
+                    for start in range(0, size, group):
+                        units.append(Unit(kind, layer, tuple(range(start, min(start + group, size)))))
+                elif self.has_unit(kind, layer):
+                    units.append(Unit(kind, layer))
+        return units
+
+    def has_unit(self, kind: str, layer: int) -> bool:
+        """Whether ``layer`` has a component of ``kind`` (hybrids: attention layers have no SSM)."""
+        return True
+
+    def candidates(self, plan: Plan, kinds: Sequence[str] | None = None) -> list[Unit]:
+        """Units that can still be removed on top of ``plan``."""
+        self.validate(plan)
+        state = self._walk(plan)
+        out = []
+        for unit in self.all_units(kinds):
+            if unit in plan:
+                continue
+            try:
+                self._check_unit(unit, state)
+            except PlanError:
+                continue
+            out.append(unit)
+        return out
+
+    # ------------------------------------------------------------------ validation
+    def _check_kinds(self, kinds: Sequence[str]) -> None:
+        for kind in kinds:
+            if kind not in self.unit_kinds:
+                raise PlanError(
+                    f"the {self.family} family has no unit kind {kind!r}; its kinds are {list(self.unit_kinds)}"
+                )
+
+    def validate(self, plan: Plan) -> None:
+        """Raise PlanError with a precise message unless ``plan`` fits this (unpruned) model."""
+        if plan.family is not None and plan.family != self.family:
+            raise PlanError(
+                f"this plan was made for the {plan.family!r} family but the model is {self.family!r} "
+                f"({type(self.model).__name__})"
+            )
+        if plan.num_layers is not None and plan.num_layers != self.num_layers():
+            raise PlanError(
+                f"this plan was made for a model with {plan.num_layers} layers but this model has "
+                f"{self.num_layers()}"
+            )
+        self._walk(plan)
+
+    def _walk(self, plan: Plan) -> dict[str, Any]:
+        state: dict[str, Any] = {"blocks": set(), "parts": {}, "width": {}}
+        for pos, unit in enumerate(plan):
+            try:
+                self._check_unit(unit, state)
+            except PlanError as e:
+                raise PlanError(f"plan unit #{pos} ({unit}): {e}") from None
+            self._record(unit, state)
+        return state
+
+    def _check_unit(self, unit: Unit, state: dict[str, Any]) -> None:
+        self._check_kinds([unit.kind])
+        n = self.num_layers()
+        if unit.layer >= n:
+            raise PlanError(f"layer {unit.layer} is out of range: the model has layers 0..{n - 1}")
+        if unit.layer in state["blocks"]:
+            raise PlanError(f"layer {unit.layer} was already removed as a whole block")
+        if not self.has_unit(unit.kind, unit.layer):
+            raise PlanError(f"layer {unit.layer} has no {unit.kind!r} component")
+        if unit.kind in self.width_kinds:
+            if not unit.indices:
+                raise PlanError(f"a {unit.kind!r} unit needs the indices it removes")
+            size = self.width_size(unit.kind, unit.layer)
+            bad = [i for i in unit.indices if i >= size]
+            if bad:
+                raise PlanError(f"{unit.kind} indices {bad} out of range at layer {unit.layer} (size {size})")
+            done = state["width"].get((unit.kind, unit.layer), set())
+            again = sorted(done.intersection(unit.indices))
+            if again:
+                raise PlanError(f"{unit.kind} indices {again} at layer {unit.layer} were already removed")
+            if len(done) + len(unit.indices) >= size:
+                raise PlanError(
+                    f"this would remove all {size} {unit.kind} of layer {unit.layer}; remove the "
+                    f"{self.whole_kind_for(unit.kind)!r} unit of that layer instead"
+                )
+            self._check_width(unit, done)
+        else:
+            if unit.indices:
+                raise PlanError(f"a {unit.kind!r} unit takes no indices")
+            if unit.kind != "block" and (unit.kind, unit.layer) in state["parts"]:
+                raise PlanError(f"{unit.kind} of layer {unit.layer} was already removed")
+            self._check_part(unit, state)
+
+    def _check_width(self, unit: Unit, already_removed: set[int]) -> None:
+        """Family hook: structural constraints on width removal (e.g. grouped-query attention)."""
+
+    def _check_part(self, unit: Unit, state: dict[str, Any]) -> None:
+        """Family hook: constraints between whole-component units."""
+
+    def whole_kind_for(self, width_kind: str) -> str:
+        return "block"
+
+    def _record(self, unit: Unit, state: dict[str, Any]) -> None:
+        if unit.kind == "block":
+            state["blocks"].add(unit.layer)
+        elif unit.kind in self.width_kinds:
+            state["width"].setdefault((unit.kind, unit.layer), set()).update(unit.indices)
+        else:
+            state["parts"][(unit.kind, unit.layer)] = True
+
+    # ------------------------------------------------------------------ masking (search time)
+    def set_mask(self, plan: Plan) -> None:
+        """Make the model behave as if ``plan`` were applied, by swapping modules (reversible)."""
+        self.clear_mask()
+        self.validate(plan)
+        try:
+            for unit in plan:
+                self._undo.append(self._mask_unit(unit))
+        except Exception:
+            self.clear_mask()
+            raise
+        self._masked_plan = plan
+
+    def clear_mask(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+        self._masked_plan = None
+
+    @contextlib.contextmanager
+    def masked(self, plan: Plan) -> Iterator[nn.Module]:
+        previous = self._masked_plan
+        self.set_mask(plan)
+        try:
+            yield self.model
+        finally:
+            self.clear_mask()
+            if previous is not None:
+                self.set_mask(previous)
+
+    def _mask_unit(self, unit: Unit) -> Undo:
+        if unit.kind == "block":
+            layers, i = self.layers(), unit.layer
+            original = layers[i]
+            layers[i] = SkippedLayer(i)
+
+            def undo() -> None:
+                layers[i] = original
+
+            return undo
+        return self._mask_part(unit)
+
+    @abstractmethod
+    def _mask_part(self, unit: Unit) -> Undo:
+        """Mask one non-block unit; return the closure that undoes it."""
+
+    # ------------------------------------------------------------------ physical removal
+    def apply_plan(self, plan: Plan) -> nn.Module:
+        """Remove ``plan``'s units for good (smaller weights, fewer layers); returns the model."""
+        self.clear_mask()
+        self.validate(plan)
+        blocks = plan.removed_blocks()
+        for unit in plan:
+            if unit.kind != "block" and unit.layer not in blocks:
+                self._remove_part(unit)
+        if blocks:
+            layers = self.layers()
+            kept = [i for i in range(len(layers)) if i not in blocks]
+            new_layers = [layers[i] for i in kept]
+            for new_idx, layer in enumerate(new_layers):
+                self._renumber(layer, new_idx)
+            self._set_layers(nn.ModuleList(new_layers))
+            self._update_config_after_block_removal(kept)
+        return self.model
+
+    @abstractmethod
+    def _remove_part(self, unit: Unit) -> None:
+        """Physically remove one non-block unit (layer numbering still original)."""
+
+    @abstractmethod
+    def _renumber(self, layer: nn.Module, new_idx: int) -> None:
+        """Give a kept layer its new position (cache indices)."""
+
+    @abstractmethod
+    def _set_layers(self, layers: nn.ModuleList) -> None: ...
+
+    @abstractmethod
+    def _update_config_after_block_removal(self, kept: list[int]) -> None: ...
+
+    def block_only_export_supported(self, plan: Plan) -> bool:
+        """Whether the pruned model is expressible as a plain base-architecture checkpoint."""
+        return plan.kinds() <= {"block"}
+
+    # ------------------------------------------------------------------ layer-wise forward (search)
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        """Embeddings plus whatever per-batch context the layers need (masks, positions)."""
+
+    @abstractmethod
+    def run_layer(self, index: int, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Run decoder layer ``index`` (as currently masked) on ``hidden``."""
+
+    @abstractmethod
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def lm_head(self) -> nn.Module: ...
+
+    def layerwise_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full forward through the layer-wise API (used to check it matches ``model(...)``)."""
+        hidden, ctx = self.embed(input_ids, attention_mask)
+        for i in range(self.num_layers()):
+            hidden = self.run_layer(i, hidden, ctx)
+        head = self.lm_head()
+        return head(self.final_norm(hidden).to(head.weight.dtype)).float()
+
+    # ------------------------------------------------------------------ recovery
+    @abstractmethod
+    def lora_target_modules(self) -> list[str]:
+        """Module-name suffixes LoRA should adapt in this family (those that survive pruning)."""

@@ -1,0 +1,53 @@
+"""``hf-shedder``: the command line. Each sub-command lives in ``hf_shedder/commands/<name>.py``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import ShedderError
+
+COMMANDS = {
+    "prune": "search for a pruning plan (Mamba-Shedder greedy search) and optionally apply it",
+    "apply": "apply a pruning plan to a model and save the pruned model",
+    "info": "show what a pruned model removed and its parameter counts",
+    "eval": "perplexity and zero-shot accuracy (lm-eval) of a model",
+    "bench": "prefill/decode speed and memory of a pruned model beside its base",
+    "recover": "LoRA recovery tuning of a pruned model (PEFT + Trainer), merged back",
+    "card": "render the model card (README.md) of a pruned model directory",
+    "push": "upload a pruned model directory to the Hugging Face Hub",
+}
+
+
+def _load(name: str):  # noqa: ANN202
+    return importlib.import_module(f"hf_shedder.commands.{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-shedder", description="Mamba-Shedder pruning for Transformers models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        try:
+            module = _load(name)
+        except ModuleNotFoundError as e:
+            if e.name != f"hf_shedder.commands.{name}":
+                raise
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except ShedderError as e:
+        print(f"hf-shedder {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Loading base and pruned models from a directory or a hub name, with clear offline errors."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .modeling import base_model_class, check_checkpoint_dir
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
+
+
+def parse_dtype(name: str | None) -> Any:
+    if name is None:
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}") from None
+
+
+def load_model(name_or_path: str, dtype: Any = None, device: str | None = None, **kwargs: Any) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` with hf_shedder registered and readable errors."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_shedder  # noqa: F401  (registers the Auto classes)
+
+    if os.path.isdir(name_or_path):
+        check_checkpoint_dir(name_or_path)
+    elif os.path.sep in name_or_path and name_or_path.startswith((".", "/")):
+        raise CheckpointError(f"model directory not found: {name_or_path}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    except OSError as e:
+        if os.path.isdir(name_or_path):
+            raise CheckpointError(f"cannot load the model in {name_or_path}: {e}") from e
+        raise CheckpointError(
+            f"cannot fetch {name_or_path!r} (no network, or not a model on the Hub). Download it where a network "
+            f"is available (e.g. `hf download {name_or_path} --local-dir DIR`) and pass the local directory."
+        ) from e
+    except Exception as e:  # safetensors/JSON decode errors on a corrupt checkpoint
+        if os.path.isdir(name_or_path) and type(e).__name__ in ("SafetensorError", "JSONDecodeError", "HeaderTooLarge"):
+            raise CheckpointError(f"the checkpoint in {name_or_path} is corrupt: {e}") from e
+        raise
+    if device:
+        model.to(device)
+    return model.eval()
+
+
+def load_tokenizer_for(name_or_path: str) -> Any | None:
+    """The model's own tokenizer if it has one, else None (callers fall back to the bundled one)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except Exception:
+        return None
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def skeleton_parameters(base_config: Any, plan: Any = None) -> int:
+    """Parameter count of the base architecture with ``plan`` applied, built on the meta device."""
+    from .arch import get_adapter
+
+    with torch.device("meta"):
+        model = base_model_class(base_config)(base_config)
+    if plan is not None and len(plan):
+        get_adapter(model).apply_plan(plan)
+    return count_parameters(model)

@@ -1,0 +1,1 @@
+"""Model families that Transformers does not ship, written for hf_shedder."""
