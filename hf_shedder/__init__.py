@@ -10,12 +10,16 @@ from .arch import get_adapter
 from .config import ShedderConfig
 from .errors import CheckpointError, DataError, PlanError, SearchError, ShedderError, UnsupportedModelError
 from .modeling import PrunedMambaForCausalLM
+from .models.hymba import HymbaConfig, HymbaForCausalLM
 from .units import Plan, Unit
 
 __version__ = "0.1.0"
 
 AutoConfig.register(ShedderConfig.model_type, ShedderConfig, exist_ok=True)
 AutoModelForCausalLM.register(ShedderConfig, PrunedMambaForCausalLM, exist_ok=True)
+# Transformers ships no Hymba; ours mirrors the public remote code (same keys, same logits).
+AutoConfig.register(HymbaConfig.model_type, HymbaConfig, exist_ok=True)
+AutoModelForCausalLM.register(HymbaConfig, HymbaForCausalLM, exist_ok=True)
 
 
 def prune(model, plan: Plan, provenance: dict | None = None, inplace: bool = False) -> PrunedMambaForCausalLM:
@@ -24,6 +28,6 @@ def prune(model, plan: Plan, provenance: dict | None = None, inplace: bool = Fal
 
 
 __all__ = [
-    "CheckpointError", "DataError", "Plan", "PlanError", "PrunedMambaForCausalLM", "SearchError",
+    "CheckpointError", "DataError", "HymbaConfig", "HymbaForCausalLM", "Plan", "PlanError", "PrunedMambaForCausalLM", "SearchError",
     "ShedderConfig", "ShedderError", "Unit", "UnsupportedModelError", "__version__", "get_adapter", "prune",
 ]

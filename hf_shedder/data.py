@@ -309,10 +309,13 @@ def load_calibration(
     return CalibrationSet(ids.contiguous(), torch.ones_like(ids), source=source, seed=seed)
 
 
-def load_eval_text(source: str, tokenizer, seqlen: int = 2048, split: str | None = None) -> CalibrationSet:
+def load_eval_text(
+    source: str, tokenizer, seqlen: int = 2048, split: str | None = None, max_samples: int | None = None
+) -> CalibrationSet:
     """A whole evaluation split for perplexity, reference style: join, tokenize, cut into full windows.
 
     ``bundled`` evaluates on the bundled validation slice (disjoint from the calibration slice).
+    ``max_samples`` keeps only the first windows (quick checks; the reference uses them all).
     """
     if seqlen < 2:
         raise DataError(f"need seqlen >= 2, got {seqlen}")
@@ -325,5 +328,7 @@ def load_eval_text(source: str, tokenizer, seqlen: int = 2048, split: str | None
             f"{source}: needs 1 x {seqlen} = {seqlen} tokens, the text gives {stream.numel()} tokens; "
             "lower --seqlen or give more text"
         )
+    if max_samples is not None:
+        n = min(n, max(int(max_samples), 1))
     ids = stream[: n * seqlen].view(n, seqlen).contiguous()
     return CalibrationSet(ids, torch.ones_like(ids), source=source, seed=None)

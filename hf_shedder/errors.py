@@ -23,3 +23,19 @@ class CheckpointError(ShedderError, OSError):
 
 class SearchError(ShedderError, RuntimeError):
     """A pruning search cannot start or resume with the given settings."""
+
+
+class HubError(ShedderError, RuntimeError):
+    """A model folder cannot be pushed (no token, offline, incomplete folder)."""
+
+
+class RecoveryError(ShedderError, ValueError):
+    """Recovery tuning cannot run with these settings (LoRA targets, data, output folder)."""
+
+
+class EvalDependencyError(ShedderError, ImportError):
+    """An optional evaluation dependency (lm-eval) is not installed."""
+
+
+class TaskError(ShedderError, ValueError):
+    """A requested task cannot be evaluated (unknown name, missing local data)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from hf_shedder.errors import ShedderError
+from hf_shedder.errors import HubError
 
 NOT_MEASURED = "not measured"
 
@@ -35,10 +35,6 @@ MODEL_PATTERNS = (
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
     "README.md",
 )
-
-
-class HubError(ShedderError, RuntimeError):
-    """A model folder cannot be pushed (no token, offline, incomplete folder)."""
 
 
 # ----------------------------------------------------------------------------- card
@@ -131,7 +127,9 @@ def _results_section(evals: dict | None) -> str:
         rows.append([f"{t} ({metric}, %)", _fmt_pct((bt.get("scores") or {}).get(t)),
                      _fmt_pct((pt.get("scores") or {}).get(t))])
     if tasks:
-        rows.append(["lambada_openai perplexity", _fmt_float(bt.get("lambada_ppl"), 2), _fmt_float(pt.get("lambada_ppl"), 2)])
+        if "lambada_openai" in tasks:
+            rows.append(["lambada_openai perplexity", _fmt_float(bt.get("lambada_ppl"), 2),
+                         _fmt_float(pt.get("lambada_ppl"), 2)])
         rows.append(["average accuracy (%)", _fmt_pct(bt.get("average")), _fmt_pct(pt.get("average"))])
     else:
         rows.append(["zero-shot accuracy", NOT_MEASURED, NOT_MEASURED])

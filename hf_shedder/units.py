@@ -30,6 +30,7 @@ REFERENCE_KEYS: dict[str, str] = {
     "pruned_self_attn_idx": "attn",
     "pruned_mha_idx": "attn",
     "pruned_mlp_idx": "mlp",
+    "pruned_moe_idx": "mlp",
 }
 # Preferred key when writing a reference file for a kind.
 _REFERENCE_KEY_FOR_KIND = {"block": "pruned_mamba_block_idx", "ssm": "pruned_ssm_idx"}
@@ -170,8 +171,11 @@ class Plan:
     def to_reference(self) -> dict[str, list[int]]:
         """The reference tool's file content; only plans of whole blocks or SSMs can be written that way."""
         out: dict[str, list[int]] = {}
+        keys = dict(_REFERENCE_KEY_FOR_KIND)
+        if self.family == "hymba":  # the reference's Hymba tool names its block units differently
+            keys["block"] = "pruned_hymba_block_idx"
         for u in self.units:
-            key = _REFERENCE_KEY_FOR_KIND.get(u.kind)
+            key = keys.get(u.kind)
             if key is None or u.indices:
                 raise PlanError(f"unit {u} cannot be written in the reference format (blocks and SSMs only)")
             out.setdefault(key, []).append(u.layer)

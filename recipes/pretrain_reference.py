@@ -363,7 +363,8 @@ def train_one(arch: str, args: argparse.Namespace, tokens: np.ndarray, val_ids: 
             self.t0 = time.monotonic()
 
         def on_step_end(self, _args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
-            if budget is not None and time.monotonic() - self.t0 > budget * 1.1:
+            late = args.deadline is not None and time.time() > args.deadline - args.overhead / 2
+            if late or (budget is not None and time.monotonic() - self.t0 > budget * 1.1):
                 print(f"[{arch}] time budget reached at step {state.global_step}", flush=True)
                 control.should_training_stop = True
             return control
@@ -402,7 +403,8 @@ def train_one(arch: str, args: argparse.Namespace, tokens: np.ndarray, val_ids: 
 
     info = {
         "arch": arch, "class": model_cls, "steps": steps, "tokens_seen": tokens_seen, "batch_size": args.batch_size,
-        "seq_len": args.seq_len, "lr": args.lr, "train_seconds": round(train_s, 1),
+        "seq_len": args.seq_len, "lr": args.lr, "precision": "bf16 autocast" if bf16 else "fp32",
+        "train_seconds": round(train_s, 1),
         "train_tokens_per_second": round(tokens_seen / train_s), "final_train_loss": round(result.training_loss, 4),
         "val_ppl_random_init": round(random_ppl, 2), "val_ppl_trained_bf16_autocast": round(trained_ppl, 3),
         "val_ppl_checkpoint_fp32": round(ckpt_ppl, 3), "val_tokens": int(val_ids.numel()),
@@ -434,7 +436,7 @@ useful language model.
 | parameters | {params:,d} (tied input/output embeddings; {emb:,d} of them in the embedding) |
 | tokenizer | GPT-NeoX-20B (`hf_shedder/assets/tokenizer/gpt-neox-20b/tokenizer.json`; not copied here to save space) |
 | data | {corpus_tokens:,d} training tokens of real English text: King James Bible (public domain, Debian `bible-kjv-text`), tinyshakespeare (public domain), Python 3.11 docs sources (PSF-2.0, Debian `python3.11-doc`), Linux 6.1 Documentation (GPL-2.0, Debian `linux-doc-6.1`), Perl 5.36 pod pages (Artistic/GPL, Debian `perl-doc`); held-out documents are never trained on |
-| training | {steps:,d} steps x {batch_size} x {seq_len} tokens = {tokens_seen:,d} tokens seen ({epochs} epochs), AdamW lr {lr} (10% warm-up, cosine to 10%), wd 0.1, bf16, `transformers.Trainer`, {train_seconds} s |
+| training | {steps:,d} steps x {batch_size} x {seq_len} tokens = {tokens_seen:,d} tokens seen ({epochs} epochs), AdamW lr {lr} (10% warm-up, cosine to 10%), wd 0.1, {precision}, `transformers.Trainer`, {train_seconds} s |
 | validation perplexity | **{val_ppl_checkpoint_fp32}** on `hf_shedder/assets/reference/validation.txt` ({val_tokens:,d} tokens, windows of {seq_len}; these bf16 weights computed in fp32); same config at random init: {val_ppl_random_init} |
 | final train loss | {final_train_loss} |
 | device | {device}, fast kernels: {fast_kernels} (torch {torch}, transformers {transformers}) |
@@ -490,13 +492,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"[{arch}] training budget {budget:.0f} s", flush=True)
         try:
             results.append(train_one(arch, args, tokens, val_ids, budget))
+            if args.tar_to:  # ship each model as soon as it exists, in case a later one overruns the lease
+                import tarfile
+
+                os.makedirs(args.tar_to, exist_ok=True)
+                with tarfile.open(os.path.join(args.tar_to, f"{arch}.tar"), "w") as tf:
+                    tf.add(os.path.join(args.out, arch), arcname=arch)
         except Exception as exc:  # keep going: one broken model must not cost the others their run
             import traceback
 
             traceback.print_exc()
             failed.append(f"{arch}: {exc!r}")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"results": results, "failed": failed}, f, indent=1)
+        for d in filter(None, (args.out, args.tar_to)):
+            with open(os.path.join(d, "results.json"), "w") as f:
+                json.dump({"results": results, "failed": failed}, f, indent=1)
     print("\narch    steps  tokens_seen  train_s  tok/s     ppl_random  ppl_trained  ppl_ckpt_fp32  MB")
     for r in results:
         print(f"{r['arch']:7s} {r['steps']:5d}  {r['tokens_seen']:11,d}  {r['train_seconds']:7.1f}  "
@@ -554,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--no-bf16", action="store_true")
     t.add_argument("--require-kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="on GPU, fail unless Transformers resolved mamba-ssm / causal-conv1d")
+    t.add_argument("--tar-to", help="also write <arch>.tar of each saved model here as soon as it is saved")
     t.add_argument("--limit-tokens", type=int, help="use only the first N training tokens (smoke tests)")
     t.add_argument("--limit-eval-tokens", type=int)
     t.add_argument("--tokenizer")

@@ -18,7 +18,9 @@ textual edits to the public file so it imports and runs under Transformers 5 on 
 
 Checks, for two tiny random configurations (one shaped like the published config,
 one with the optional features switched on), with identical weights in both models:
-  1. the state-dict keys are identical (strict load both ways);
+  1. the state-dict keys are identical (strict load both ways), and a checkpoint the
+     public model writes with save_pretrained loads into ours with no missing or
+     unexpected keys and the same logits;
   2. full-sequence logits agree (flex-attention path of the public code; the
      sequence is longer than the sliding window, with meta tokens and KV sharing);
   3. token-by-token greedy decoding with the cache agrees, logits and tokens,
@@ -157,14 +159,16 @@ def _install_stand_ins() -> None:
 
 def load_public(modeling_path: Path) -> types.ModuleType:
     """Import the (edited) public modeling file as package ``hymba_public``."""
+    # Let Transformers probe for flash-attn before the stand-in (which has no spec) exists.
+    import transformers.generation  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+
     _install_stand_ins()
     source = modeling_path.read_text()
     for old, new in PUBLIC_CODE_EDITS:
         if old not in source:
             raise RuntimeError(f"public code changed; cannot apply edit {old!r}")
         source = source.replace(old, new)
-    if "is_flash_attn_greater_or_equal_2_10" not in source.split("class HymbaFlashAttention2")[0]:
-        source = "from transformers.utils import is_flash_attn_greater_or_equal_2_10\n" + source
     pkg = Path(tempfile.mkdtemp(prefix="hymba_public_")) / "hymba_public"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
@@ -172,6 +176,10 @@ def load_public(modeling_path: Path) -> types.ModuleType:
     (pkg / "modeling_hymba.py").write_text(source)
     sys.path.insert(0, str(pkg.parent))
     mod = importlib.import_module("hymba_public.modeling_hymba")
+    # The stand-in flash-attn behaves like flash-attn >= 2.1 (bottom-right causal alignment).
+    mod.is_flash_attn_greater_or_equal_2_10 = lambda: True
+    # Transformers 5 wants the tied-weights declaration as a mapping.
+    mod.HymbaForCausalLM._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     cache_cls = mod.HybridMambaAttentionDynamicCache
     # Transformers 5 DynamicCache lost these; the public cache never calls DynamicCache.__init__.
     cache_cls.get_usable_length = lambda self, new_len, layer_idx=0: self.get_seq_length(layer_idx)
@@ -188,16 +196,16 @@ CONFIGS = {
         num_key_value_heads=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8,
         num_memory_tokens=4, sliding_window=6, global_attn_idx=[0, 3, 5], kv_reuse_group=[[1, 2], [4]],
         rope=True, rope_type="ntk", orig_max_position_embeddings=32, max_position_embeddings=64,
-        seq_length=64, kq_norm="none", attn_implementation_new="flex", mamba_inner_layernorms=True,
-        tie_word_embeddings=True, num_experts=1, num_experts_per_tok=1,
+        seq_length=256, kq_norm="none", attn_implementation_new="flex", mamba_inner_layernorms=True,
+        tie_word_embeddings=True, num_experts=1, num_experts_per_tok=1, mlp_hidden_act="silu",
     ),
     "variant": dict(
         vocab_size=97, hidden_size=64, intermediate_size=80, num_hidden_layers=5, num_attention_heads=4,
         num_key_value_heads=1, mamba_d_state=4, mamba_d_conv=3, mamba_expand=2, mamba_dt_rank=6,
         num_memory_tokens=3, sliding_window=5, global_attn_idx=[0], kv_reuse_group=[[1, 2, 3]],
-        rope=True, rope_type="default", max_position_embeddings=64, seq_length=64, kq_norm="perhead-rms",
+        rope=True, rope_type="default", max_position_embeddings=64, seq_length=256, kq_norm="perhead-rms",
         attn_implementation_new="flex", mamba_inner_layernorms=False, mamba_proj_bias=True,
-        tie_word_embeddings=False, num_experts=1, num_experts_per_tok=1,
+        tie_word_embeddings=False, num_experts=1, num_experts_per_tok=1, mlp_hidden_act="silu",
     ),
 }
 
@@ -206,7 +214,10 @@ def build_pair(public, fields: dict):
     from hf_shedder.models.hymba import HymbaConfig, HymbaForCausalLM
 
     torch.manual_seed(0)
-    ref = public.HymbaForCausalLM(public.HymbaConfig(**fields)).eval()
+    ref_config = public.HymbaConfig(**fields)
+    # The public attention casts float32 inputs to this dtype (it was only run in bf16).
+    ref_config._pre_quantization_dtype = torch.float32
+    ref = public.HymbaForCausalLM(ref_config).eval()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # move every parameter off its neat initial value
         for p in ref.parameters():
@@ -267,6 +278,21 @@ def check(public, name: str, fields: dict) -> bool:
         ok &= diff < ATOL
         print(f"[{name}] full-sequence logits, {ids.shape[1]} tokens (> window {fields['sliding_window']}): "
               f"max |diff| = {diff:.2e} {'OK' if diff < ATOL else 'FAIL'}")
+
+        with tempfile.TemporaryDirectory() as tmp:  # a checkpoint saved by the public code loads into ours
+            del ref.config._pre_quantization_dtype  # not JSON-serialisable; only our CPU run needs it
+            ref.save_pretrained(tmp)
+            ref.config._pre_quantization_dtype = torch.float32
+            from hf_shedder.models.hymba import HymbaForCausalLM
+
+            loaded, info = HymbaForCausalLM.from_pretrained(tmp, output_loading_info=True)
+            c = loaded.eval()(input_ids=ids, use_cache=False).logits.float()
+        clean = not info["missing_keys"] and not info["unexpected_keys"]
+        diff = (a - c).abs().max().item()
+        ok &= clean and diff < ATOL
+        print(f"[{name}] public save_pretrained -> our from_pretrained: missing={list(info['missing_keys'])} "
+              f"unexpected={list(info['unexpected_keys'])}, max |diff| = {diff:.2e} "
+              f"{'OK' if clean and diff < ATOL else 'FAIL'}")
 
         prompt = ids[:1, :2]
         steps = fields["sliding_window"] - prompt.shape[1]  # context stays inside the window

@@ -73,7 +73,6 @@ def _removed_numel(model, plan):
         elif u.kind == "ssm" and u.layer not in blocks:
             pre = f"backbone.layers.{u.layer}.mixer."
             if cfg.model_type == "mamba2":
-                di = cfg.expand * cfg.hidden_size
                 bc = 2 * cfg.n_groups * cfg.state_size
                 total += sum(sd[pre + n].numel() for n in ("A_log", "D", "dt_bias"))
                 total += (bc + cfg.num_heads) * cfg.hidden_size  # in_proj rows of B, C, dt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hf_shedder.errors import ShedderError
 from hf_shedder.evaluation.speed import SpeedComparison, benchmark_speed, compare_speed
@@ -18,7 +19,9 @@ def test_benchmark_reports_every_number(family: str) -> None:
     assert res.device == "cpu" and res.dtype == "float32"
     assert res.prefill_tokens_per_s > 0 and res.prefill_seconds > 0
     assert res.prefill_tokens_per_s == pytest.approx(2 * 16 / res.prefill_seconds)
-    assert set(res.decode_tokens_per_s) == {1, 2} and all(v > 0 for v in res.decode_tokens_per_s.values())
+    assert res.decode_batch_sizes == (1, 2)
+    # a size is absent only when CPU timing noise made (N tokens) - (1 token) non-positive
+    assert set(res.decode_tokens_per_s) <= {1, 2} and all(v > 0 for v in res.decode_tokens_per_s.values())
     assert res.memory_kind == "cpu_peak_rss_increase"
     assert res.n_params == sum(p.numel() for p in model.parameters())
 
@@ -27,8 +30,6 @@ def test_generate_length_is_fixed() -> None:
     # the decode timing relies on min_new_tokens = max_new_tokens: even if EOS is likely, length is fixed
     model = build_tiny("mamba", num_layers=2)
     model.generation_config.eos_token_id = 0
-    import torch
-
     out = model.generate(input_ids=torch.zeros(2, 3, dtype=torch.long), max_new_tokens=5, min_new_tokens=5,
                          do_sample=False, pad_token_id=0, eos_token_id=None)
     assert out.shape == (2, 8)

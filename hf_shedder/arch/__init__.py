@@ -5,10 +5,29 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..models.hymba import HymbaConfig, HymbaForCausalLM
+from .bamba import BambaAdapter
 from .base import ArchAdapter, SkippedLayer
+from .falcon_h1 import FalconH1Adapter
+from .granitemoehybrid import GraniteMoeHybridAdapter
+from .hymba import HymbaAdapter
+from .jamba import JambaAdapter
 from .mamba import Mamba2Adapter, MambaAdapter
+from .nemotron_h import NemotronHAdapter
+from .zamba2 import Zamba2Adapter
 
-ADAPTERS: list[type[ArchAdapter]] = [MambaAdapter, Mamba2Adapter]
+# One entry per family; adapter_class_for() picks the first whose model_types has config.model_type.
+ADAPTERS: list[type[ArchAdapter]] = [
+    MambaAdapter,
+    Mamba2Adapter,
+    Zamba2Adapter,
+    BambaAdapter,
+    NemotronHAdapter,
+    JambaAdapter,
+    GraniteMoeHybridAdapter,
+    FalconH1Adapter,
+    HymbaAdapter,
+]
 
 
 def adapter_class_for(model_type: str) -> type[ArchAdapter]:
@@ -35,8 +54,8 @@ def family_of(model_type: str) -> str:
 
 
 # Families that Transformers does not ship register their config/model classes here (e.g. Hymba).
-CUSTOM_CONFIGS: dict[str, type] = {}
-CUSTOM_MODELS: dict[str, type] = {}
+CUSTOM_CONFIGS: dict[str, type] = {"hymba": HymbaConfig}
+CUSTOM_MODELS: dict[str, type] = {"hymba": HymbaForCausalLM}
 
 
 def custom_config_class(model_type: str) -> type | None:

@@ -46,6 +46,9 @@ class ArchAdapter(ABC):
     unit_kinds: ClassVar[tuple[str, ...]]
     # Kinds whose units carry indices (heads, channels); the rest are whole components.
     width_kinds: ClassVar[frozenset[str]] = frozenset()
+    # Kinds that live in a module shared by several layers (Zamba2's shared attention+MLP block): a unit is
+    # anchored at one layer but outlives that layer's removal, since other layers still use the module.
+    shared_kinds: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -72,6 +75,11 @@ class ArchAdapter(ABC):
         """Indices removed together by one search candidate of a width kind."""
         return 1
 
+    def width_candidates(self, kind: str, layer: int) -> list[tuple[int, ...]]:
+        """Index sets the search may remove at once (default: consecutive runs of ``width_group``)."""
+        size, group = self.width_size(kind, layer), self.width_group(kind)
+        return [tuple(range(start, min(start + group, size))) for start in range(0, size, group)]
+
     # ------------------------------------------------------------------ units
     def all_units(self, kinds: Sequence[str] | None = None) -> list[Unit]:
         kinds = list(kinds) if kinds else [k for k in self.unit_kinds if k not in self.width_kinds]
@@ -79,11 +87,11 @@ class ArchAdapter(ABC):
         units: list[Unit] = []
         for layer in range(self.num_layers()):
             for kind in kinds:
+                if not self.has_unit(kind, layer):
+                    continue
                 if kind in self.width_kinds:
-                    size, group = self.width_size(kind, layer), self.width_group(kind)
-                    for start in range(0, size, group):
-                        units.append(Unit(kind, layer, tuple(range(start, min(start + group, size)))))
-                elif self.has_unit(kind, layer):
+                    units.extend(Unit(kind, layer, idx) for idx in self.width_candidates(kind, layer))
+                else:
                     units.append(Unit(kind, layer))
         return units
 
@@ -143,7 +151,7 @@ class ArchAdapter(ABC):
         n = self.num_layers()
         if unit.layer >= n:
             raise PlanError(f"layer {unit.layer} is out of range: the model has layers 0..{n - 1}")
-        if unit.layer in state["blocks"]:
+        if unit.layer in state["blocks"] and unit.kind not in self.shared_kinds:
             raise PlanError(f"layer {unit.layer} was already removed as a whole block")
         if not self.has_unit(unit.kind, unit.layer):
             raise PlanError(f"layer {unit.layer} has no {unit.kind!r} component")
@@ -240,7 +248,7 @@ class ArchAdapter(ABC):
         self.validate(plan)
         blocks = plan.removed_blocks()
         for unit in plan:
-            if unit.kind != "block" and unit.layer not in blocks:
+            if unit.kind != "block" and (unit.layer not in blocks or unit.kind in self.shared_kinds):
                 self._remove_part(unit)
         if blocks:
             layers = self.layers()

@@ -3,7 +3,8 @@ and Mamba-2 (``Mamba2ForCausalLM``).
 
 All three share the layout ``backbone.{embeddings, layers[i].{norm, mixer}, norm_f}`` + ``lm_head``,
 where a block computes ``h + mixer(norm(h))``. Units: ``block`` (the whole residual branch) and
-``ssm`` (the selective scan inside the mixer, see :mod:`hf_shedder.arch.ssm_free`).
+``ssm`` (the selective scan inside the mixer, see :mod:`hf_shedder.arch.ssm_free`); Mamba-2 also has
+``ssm_heads`` (SSD heads inside the mixer, see :mod:`hf_shedder.arch.mamba2_heads`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers.masking_utils import create_recurrent_attention_mask
 
 from ..units import Unit
 from .base import ArchAdapter, Undo
+from .mamba2_heads import Mamba2UnitsMixin
 from .ssm_free import SSMFreeMixer
 
 
@@ -80,8 +82,10 @@ class BackboneSSMAdapter(ArchAdapter):
         return self.model.lm_head
 
     def lora_target_modules(self) -> list[str]:
-        # in_proj/out_proj survive SSM removal; x_proj/dt_proj do not, so they are left out.
-        return ["in_proj", "out_proj"]
+        # in_proj survives every unit kind and is called as a module even on the fused training path.
+        # out_proj (and x_proj/dt_proj) are read by weight inside mamba-ssm's fused kernels, where a LoRA
+        # wrapper would silently never train; PEFT refuses them on mamba/mamba2 for that reason.
+        return ["in_proj"]
 
 
 class MambaAdapter(BackboneSSMAdapter):
@@ -90,7 +94,30 @@ class MambaAdapter(BackboneSSMAdapter):
     ssm_variant = "mamba1"
 
 
-class Mamba2Adapter(BackboneSSMAdapter):
+class Mamba2Adapter(Mamba2UnitsMixin, BackboneSSMAdapter):
     family = "mamba2"
     model_types = ("mamba2",)
     ssm_variant = "mamba2"
+    unit_kinds = ("block", "ssm", "ssm_heads")
+    width_kinds = frozenset({"ssm_heads"})
+
+    def _mixer_location(self, layer: int) -> tuple[nn.Module, str]:
+        return self.layers()[layer], "mixer"
+
+    def width_size(self, kind: str, layer: int) -> int:
+        if kind == "ssm_heads":
+            return self._ssm_heads_size(layer)
+        return super().width_size(kind, layer)
+
+    def width_candidates(self, kind: str, layer: int) -> list[tuple[int, ...]]:
+        return self._ssm_heads_candidates(layer)
+
+    def _check_width(self, unit: Unit, already_removed: set[int]) -> None:
+        self._check_ssm_heads(unit.layer, already_removed | set(unit.indices))
+
+    # ssm and ssm_heads both go through the Mamba-2 editor, so they combine on one layer in any order.
+    def _mask_part(self, unit: Unit) -> Undo:
+        return self._mask_mixer_unit(unit.kind, unit.layer, unit.indices)
+
+    def _remove_part(self, unit: Unit) -> None:
+        self._remove_mixer_unit(unit.kind, unit.layer, unit.indices)

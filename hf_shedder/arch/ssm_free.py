@@ -110,6 +110,10 @@ class SSMFreeMixer(nn.Module):
         new.out_proj = mixer.out_proj if share else copy.deepcopy(mixer.out_proj)
         if variant == "mamba2":
             new.norm = mixer.norm if share else copy.deepcopy(mixer.norm)
+            # Head structure survives (z/x channels are still per head): Mamba-2 head pruning uses it.
+            for name in ("num_heads", "head_dim", "n_groups", "shedder_heads"):
+                if hasattr(mixer, name):
+                    setattr(new, name, getattr(mixer, name))
         return new
 
     @classmethod

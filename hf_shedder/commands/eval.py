@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl", default=None, metavar="SRC",
                    help="perplexity on wikitext2 | ptb | c4 | alpaca | bundled | a local .txt/.json/.jsonl file")
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
+    p.add_argument("--ppl-limit", type=int, default=None,
+                   help="use only the first N windows of the perplexity text (quick checks; default: all)")
     p.add_argument("--tasks", default=None, help=f"comma-separated lm-eval tasks, e.g. {DEFAULT_TASKS}")
     p.add_argument("--task-dir", default=None, help="folder of <task>.jsonl files (full local copies, offline)")
     p.add_argument("--task-source", choices=("hub", "bundled"), default=None,
@@ -56,7 +58,7 @@ def evaluate_model(path: str, args: argparse.Namespace) -> dict[str, Any]:
         from ..data import load_eval_text
         from ..evaluation.perplexity import evaluate_perplexity
 
-        text = load_eval_text(args.ppl, tok, seqlen=args.seqlen)
+        text = load_eval_text(args.ppl, tok, seqlen=args.seqlen, max_samples=args.ppl_limit)
         res = evaluate_perplexity(model, text, batch_size=args.batch_size, progress=not args.no_progress)
         entry["perplexity"] = res.to_dict()
     if args.tasks:
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_summary(entries: dict[str, Any]) -> str:
-    labels = list(entries)
+    labels = sorted(entries, key=lambda k: (k != "base", k))  # base first, as in the card
     rows: list[tuple[str, list[str]]] = []
     ppls = [(entries[k].get("perplexity") or {}) for k in labels]
     if any(ppls):
@@ -104,8 +106,9 @@ def format_summary(entries: dict[str, Any]) -> str:
     names = list(dict.fromkeys(t for tr in tasks for t in (tr.get("scores") or {})))
     for t in names:
         rows.append((t, [f"{100 * tr['scores'][t]:.1f}" if t in (tr.get("scores") or {}) else "-" for tr in tasks]))
-    if names:
+    if "lambada_openai" in names:
         rows.append(("lambada_openai ppl", [f"{tr['lambada_ppl']:.2f}" if tr.get("lambada_ppl") else "-" for tr in tasks]))
+    if names:
         rows.append(("average acc (%)", [f"{100 * tr['average']:.1f}" if tr else "-" for tr in tasks]))
     lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     lines += [f"| {m} | " + " | ".join(v) + " |" for m, v in rows]

@@ -19,19 +19,11 @@ from typing import Any
 
 import torch
 
-from hf_shedder.errors import ShedderError
+from hf_shedder.errors import EvalDependencyError, TaskError
 
 DEFAULT_TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa")
 RESULTS_JSON = "eval_results.json"
 RESULTS_CSV = "eval_results.csv"
-
-
-class EvalDependencyError(ShedderError, ImportError):
-    """An optional evaluation dependency (lm-eval) is not installed."""
-
-
-class TaskError(ShedderError, ValueError):
-    """A requested task cannot be evaluated (unknown name, missing local data)."""
 
 
 def bundled_task_dir() -> str:

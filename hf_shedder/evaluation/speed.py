@@ -32,11 +32,12 @@ class SpeedResult:
     prefill_seconds: float
     prefill_tokens_per_s: float
     decode_tokens: int
-    decode_tokens_per_s: dict[int, float]  # batch size -> generated tokens per second
+    decode_tokens_per_s: dict[int, float]  # batch size -> generated tokens per second (absent: not measurable)
     peak_memory_bytes: int | None
     memory_kind: str  # "cuda_max_allocated" or "cpu_peak_rss_increase"
     warmup: int
     repeats: int
+    decode_batch_sizes: tuple[int, ...] = ()  # requested (a size missing from decode_tokens_per_s was unmeasurable)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,6 +49,7 @@ class SpeedResult:
     def from_dict(cls, d: dict[str, Any]) -> SpeedResult:
         d = dict(d)
         d["decode_tokens_per_s"] = {int(k): float(v) for k, v in d.get("decode_tokens_per_s", {}).items()}
+        d["decode_batch_sizes"] = tuple(d.get("decode_batch_sizes", ()))
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -144,8 +146,11 @@ def benchmark_speed(
 
         t_one = _time_it(lambda: generate(1), device, warmup, repeats)
         t_all = _time_it(lambda: generate(decode_tokens), device, warmup, repeats)
-        steps = max(decode_tokens - 1, 1)
-        decode[bs] = bs * steps / max(t_all - t_one, 1e-9) if decode_tokens > 1 else bs / t_all
+        if decode_tokens == 1:
+            decode[bs] = bs / t_all
+        elif t_all > t_one:
+            decode[bs] = bs * (decode_tokens - 1) / (t_all - t_one)
+        # else: timing noise swamped the decode steps; leave it unmeasured rather than report nonsense
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -168,6 +173,7 @@ def benchmark_speed(
         memory_kind=kind,
         warmup=warmup,
         repeats=repeats,
+        decode_batch_sizes=tuple(decode_batch_sizes),
     )
 
 
@@ -196,7 +202,8 @@ class SpeedComparison:
                 f"{self.prefill_speedup:.2f}x",
             )
         ]
-        for bs in sorted(set(self.base.decode_tokens_per_s) | set(self.pruned.decode_tokens_per_s)):
+        sizes = set(self.base.decode_tokens_per_s) | set(self.pruned.decode_tokens_per_s)
+        for bs in sorted(sizes | set(self.base.decode_batch_sizes) | set(self.pruned.decode_batch_sizes)):
             b, p, r = self.base.decode_tokens_per_s.get(bs), self.pruned.decode_tokens_per_s.get(bs), self.decode_speedup(bs)
             rows.append(
                 (
@@ -240,7 +247,7 @@ class SpeedComparison:
             "base": self.base.to_dict(),
             "pruned": self.pruned.to_dict(),
             "prefill_speedup": self.prefill_speedup,
-            "decode_speedup": {str(bs): self.decode_speedup(bs) for bs in self.pruned.decode_tokens_per_s},
+            "decode_speedup": {str(bs): self.decode_speedup(bs) for bs in self.pruned.decode_batch_sizes},
             "ideal_ratio": self.ideal_ratio,
             "ideal_label": self.ideal_label,
         }

@@ -288,12 +288,17 @@ def _conv_plain(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None, act
 ) -> torch.Tensor:
     """Depthwise causal conv of x (b, d, len); ``state`` holds the previous inputs (b, d, k)."""
-    k = weight.shape[-1]
+    k, n = weight.shape[-1], x.shape[-1]
     if state is None:
         padded = F.pad(x, (k - 1, 0))
     else:
         padded = torch.cat([state[..., 1:].to(x.dtype), x], dim=-1)
-    return act(F.conv1d(padded, weight.unsqueeze(1), bias, groups=x.shape[1]))
+    # k shifted multiply-adds: same result as a grouped conv1d, and far faster than
+    # oneDNN's depthwise conv for these shapes on CPU
+    out = sum(padded[..., j : j + n] * weight[:, j, None] for j in range(k))
+    if bias is not None:
+        out = out + bias[:, None]
+    return act(out)
 
 
 def _next_conv_state(x: torch.Tensor, state: torch.Tensor | None, k: int) -> torch.Tensor:
@@ -355,7 +360,7 @@ class HymbaBlock(nn.Module):
         self.reuse_kv = reuse_kv
         hidden = config.hidden_size
         inner = config.ssm_intermediate_size
-        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        kv_heads = config.num_key_value_heads
         self.fused_size = inner
         self.q_size = hidden
         self.k_size = 0 if reuse_kv else kv_heads * config.head_dim
@@ -376,6 +381,9 @@ class HymbaBlock(nn.Module):
         self.ssm_off = False
         self.attn_head_mask: torch.Tensor | None = None
         self.ssm_channel_mask: torch.Tensor | None = None
+        # set by HymbaModel once all layers exist
+        self._producer: int | None = None
+        self._may_trim_cache = False
 
         self.self_attn = HymbaAttention(config, layer_idx)
         self.in_proj = nn.Linear(hidden, self.q_size + self.k_size + self.v_size + 2 * inner, bias=config.mamba_proj_bias)
@@ -444,12 +452,12 @@ class HymbaBlock(nn.Module):
             ctx.shared_kv[self.layer_idx] = (keys, values, slots)
             if cache is not None:
                 self._store_kv(cache, keys, values, slots, ctx)
-        elif self.reuse_kv:
-            keys, values, slots = ctx.shared_kv[self._producer]
-        else:
-            keys = None
-        if not need_out or keys is None:
+        if not need_out:
             return None
+        if not self.k_size:
+            if not self.reuse_kv:
+                return None
+            keys, values, slots = ctx.shared_kv[self._producer]
         out = attn.attend(query, keys, values, slots, ctx)
         if self.attn_head_mask is not None:
             b, n, _ = out.shape
@@ -544,9 +552,6 @@ class HymbaBlock(nn.Module):
         fused = parts[0] if len(parts) == 1 else (parts[0] + parts[1]) / 2
         return self.out_proj(fused)
 
-    # set by HymbaModel once all layers exist
-    _producer: int | None = None
-    _may_trim_cache: bool = False
 
 
 # --------------------------------------------------------------------------- MLP and layer

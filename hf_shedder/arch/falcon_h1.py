@@ -1,0 +1,311 @@
+"""Adapter for ``FalconH1ForCausalLM`` (TII Falcon-H1): attention and Mamba-2 side by side in every layer.
+
+Layout: ``model.{embed_tokens, layers[i], final_layernorm, rotary_emb}`` + ``lm_head``. A decoder layer
+computes ``h + ssm_out_mult * mamba(n(h)) + attn_out_mult * self_attn(attn_in_mult * n(h))`` and then
+``h + feed_forward(n'(h))``; it returns a 1-tuple. The mixer scales its input by ``ssm_in_multiplier``
+and its ``in_proj`` output by the per-section ``mup_vector``; the model scales embeddings by
+``embedding_multiplier`` and logits by ``lm_head_multiplier``.
+
+Units: ``block`` (the whole layer), ``attn`` (the attention branch), ``ssm`` (the scan inside the
+Mamba branch, Mamba-Shedder's SSM removal), ``ssm_heads`` (Mamba-2 heads), ``attn_heads`` and
+``mlp_channels``. Removing ``attn`` of every layer leaves a Mamba-2 model with MLPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
+
+from ..errors import PlanError
+from ..units import Plan, Unit
+from .base import Undo
+from .jamba import (
+    HybridAdapterMixin,
+    SkippedAttentionLayer,
+    edit_attention_heads,
+    edit_mlp_channels,
+    keep_kv_length,
+    swap_attr,
+)
+from .mamba2_heads import Mamba2MixerEditor, Mamba2UnitsMixin, check_ssm_heads, mixer_heads
+from .ssm_free import SSMFreeMixer
+from .width import (
+    head_channels,
+    kept_positions,
+    select_depthwise_conv,
+    select_linear,
+    select_vector,
+    shallow_clone,
+)
+
+
+class AttentionRemoved(nn.Module):
+    """The attention branch of a Falcon-H1 layer, removed: contributes nothing; keeps the cache length."""
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None,
+                **kwargs: Any) -> tuple[torch.Tensor, None]:
+        keep_kv_length(past_key_values, self.layer_idx, hidden_states)
+        return torch.zeros_like(hidden_states), None
+
+
+class SiluGate(nn.Module):
+    """``y = u * silu(z)``: the gate of a Falcon-H1 mixer without the gated RMSNorm (``mamba_rms_norm=False``)."""
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return hidden_states * F.silu(gate)
+
+
+class ScaledLinear(nn.Module):
+    """``out_scale * linear(in_scale * x)`` on shared weights (search-time form of folded multipliers)."""
+
+    def __init__(self, linear: nn.Module, in_scale: float, out_scale: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = linear
+        self.in_scale = in_scale
+        self.register_buffer("out_scale", out_scale, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x * self.in_scale) * self.out_scale
+
+
+def prune_falcon_heads(mixer: nn.Module, kept: Sequence[int], *, share: bool) -> nn.Module:
+    """Clone of a ``FalconH1Mixer`` keeping the SSD heads at positions ``kept`` (``mup_vector`` follows)."""
+    kept = sorted(kept)
+    p, inner = mixer.head_dim, mixer.intermediate_size
+    bc = 2 * mixer.n_groups * mixer.ssm_state_size
+    ch = head_channels(kept, p)
+    rows = ch + [inner + c for c in ch] + list(range(2 * inner, 2 * inner + bc)) + [2 * inner + bc + h for h in kept]
+    new = shallow_clone(mixer)
+    new.in_proj = select_linear(mixer.in_proj, rows=rows, share=share)
+    new.conv1d = select_depthwise_conv(mixer.conv1d, ch + list(range(inner, inner + bc)), share=share)
+    for name in ("A_log", "D", "dt_bias"):
+        setattr(new, name, select_vector(getattr(mixer, name), kept, share=share))
+    if getattr(mixer.norm, "weight", None) is not None:  # FalconH1RMSNormGated (grouped like B/C)
+        new.norm = shallow_clone(mixer.norm)
+        new.norm.weight = select_vector(mixer.norm.weight, ch, share=share)
+    new.out_proj = select_linear(mixer.out_proj, cols=ch, share=share)
+    new.mup_vector = mixer.mup_vector[..., rows].clone()
+    new.num_heads, new.intermediate_size, new.conv_dim = len(kept), len(ch), len(ch) + bc
+    held = mixer_heads(mixer)
+    new.shedder_heads = tuple(held[k] for k in kept)
+    return new
+
+
+def falcon_ssm_free(mixer: nn.Module, *, share: bool) -> SSMFreeMixer:
+    """SSM-free form of a ``FalconH1Mixer``: its input and ``mup_vector`` multipliers are kept exactly.
+
+    A mask keeps them as a :class:`ScaledLinear` around the shared ``in_proj`` rows; extraction folds
+    them into a smaller, independent ``in_proj``.
+    """
+    inner = mixer.intermediate_size
+    new = SSMFreeMixer.from_mixer(mixer, "mamba2", share=share)
+    if not isinstance(getattr(mixer.norm, "weight", None), torch.Tensor):
+        new.norm = SiluGate()
+    scale = mixer.mup_vector.reshape(-1)[: 2 * inner].detach()
+    if share:
+        new.in_proj = ScaledLinear(new.in_proj, mixer.ssm_in_multiplier, scale)
+    else:
+        with torch.no_grad():
+            new.in_proj.weight.mul_((scale * mixer.ssm_in_multiplier)[:, None].to(new.in_proj.weight.dtype))
+            if new.in_proj.bias is not None:
+                new.in_proj.bias.mul_(scale.to(new.in_proj.bias.dtype))
+    new.shedder_heads = mixer_heads(mixer)
+    return new
+
+
+def build_falcon_mixer(original: nn.Module, removed: frozenset[int], ssm: bool, share: bool) -> nn.Module:
+    """The original mixer with heads ``removed`` (original numbering) and optionally its SSM removed."""
+    mixer = original
+    if removed:
+        mixer = prune_falcon_heads(mixer, kept_positions(mixer_heads(mixer), removed), share=share)
+    if ssm:
+        mixer = falcon_ssm_free(mixer, share=share)
+    return mixer
+
+
+class FalconH1MixerEditor(Mamba2MixerEditor):
+    """:class:`Mamba2MixerEditor` for Falcon-H1 mixers (multipliers, optional gated norm).
+
+    Physical removal rebuilds a layer's mixer from its unpruned form with everything removed so far,
+    so ``ssm`` and ``ssm_heads`` units of one layer combine in any order.
+    """
+
+    build = staticmethod(build_falcon_mixer)
+
+    def __init__(self, locate: Any) -> None:
+        super().__init__(locate)
+        self._removed: dict[int, tuple[nn.Module, frozenset[int], bool]] = {}
+
+    def check_heads(self, layer: int, removed: set[int]) -> None:
+        mixer = self.original(layer)
+        check_ssm_heads(removed, len(mixer_heads(mixer)), mixer.n_groups, 1)
+
+    def remove(self, layer: int, heads: Sequence[int] = (), ssm: bool = False) -> None:
+        parent, name = self.locate(layer)
+        original, gone, no_ssm = self._removed.get(layer, (getattr(parent, name), frozenset(), False))
+        gone, no_ssm = gone | frozenset(heads), no_ssm or ssm
+        self._removed[layer] = (original, gone, no_ssm)
+        setattr(parent, name, self.build(original, gone, no_ssm, share=False))
+
+
+class FalconH1Adapter(Mamba2UnitsMixin, HybridAdapterMixin):
+    family = "falcon_h1"
+    model_types = ("falcon_h1",)
+    unit_kinds = ("block", "attn", "ssm", "ssm_heads", "attn_heads", "mlp_channels")
+    width_kinds = frozenset({"ssm_heads", "attn_heads", "mlp_channels"})
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.model
+
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    def _mixer_location(self, layer: int) -> tuple[nn.Module, str]:
+        return self.layers()[layer], "mamba"
+
+    @property
+    def mamba2_editor(self) -> Mamba2MixerEditor:
+        editor = self.__dict__.get("_mamba2_editor")
+        if editor is None:
+            editor = self.__dict__["_mamba2_editor"] = FalconH1MixerEditor(self._mixer_location)
+        return editor
+
+    # ---------------------------------------------------------------- structure
+    def width_size(self, kind: str, layer: int) -> int:
+        if kind == "ssm_heads":
+            return self._ssm_heads_size(layer)
+        if kind == "attn_heads":
+            return self.num_heads()
+        if kind == "mlp_channels":
+            return self.config.intermediate_size
+        return super().width_size(kind, layer)
+
+    def width_group(self, kind: str) -> int:
+        if kind == "ssm_heads":
+            return Mamba2UnitsMixin.width_group(self, kind)
+        return HybridAdapterMixin.width_group(self, kind)
+
+    def width_candidates(self, kind: str, layer: int) -> list[tuple[int, ...]]:
+        if kind == "ssm_heads":
+            return self._ssm_heads_candidates(layer)
+        return super().width_candidates(kind, layer)
+
+    def whole_kind_for(self, width_kind: str) -> str:
+        return "attn" if width_kind == "attn_heads" else "block"
+
+    def _check_width(self, unit: Unit, already_removed: set[int]) -> None:
+        if unit.kind == "ssm_heads":
+            self._check_ssm_heads(unit.layer, set(already_removed) | set(unit.indices))
+        else:
+            super()._check_width(unit, already_removed)
+
+    def _check_unit(self, unit: Unit, state: dict[str, Any]) -> None:
+        super()._check_unit(unit, state)
+        if unit.kind == "attn_heads" and ("attn", unit.layer) in state["parts"]:
+            raise PlanError(f"the attention of layer {unit.layer} was already removed (unit 'attn')")
+
+    # ---------------------------------------------------------------- masking
+    def _mask_unit(self, unit: Unit) -> Undo:
+        if unit.kind == "block":  # Falcon-H1 layers return a tuple and every layer holds attention
+            layers, i = self.layers(), unit.layer
+            original = layers[i]
+            layers[i] = SkippedAttentionLayer(i, returns_tuple=True)
+
+            def undo() -> None:
+                layers[i] = original
+
+            return undo
+        return super()._mask_unit(unit)
+
+    def _mask_part(self, unit: Unit) -> Undo:
+        layer = self.layers()[unit.layer]
+        if unit.kind in ("ssm", "ssm_heads"):
+            return self._mask_mixer_unit(unit.kind, unit.layer, unit.indices)
+        if unit.kind == "attn":
+            return swap_attr(layer, "self_attn", AttentionRemoved(unit.layer))
+        if unit.kind == "attn_heads":
+            return swap_attr(layer, "self_attn",
+                             edit_attention_heads(layer.self_attn, unit.indices, self.num_heads(), share=True))
+        if unit.kind == "mlp_channels":
+            return swap_attr(layer, "feed_forward", edit_mlp_channels(
+                layer.feed_forward, unit.indices, self.config.intermediate_size, share=True))
+        raise AssertionError(unit)
+
+    # ---------------------------------------------------------------- physical removal
+    def _remove_part(self, unit: Unit) -> None:
+        layer = self.layers()[unit.layer]
+        if unit.kind in ("ssm", "ssm_heads"):
+            self._remove_mixer_unit(unit.kind, unit.layer, unit.indices)
+        elif unit.kind == "attn":
+            layer.self_attn = AttentionRemoved(unit.layer)
+        elif unit.kind == "attn_heads":
+            layer.self_attn = edit_attention_heads(layer.self_attn, unit.indices, self.num_heads(), share=False)
+        elif unit.kind == "mlp_channels":
+            layer.feed_forward = edit_mlp_channels(layer.feed_forward, unit.indices, self.config.intermediate_size,
+                                                   share=False)
+        else:
+            raise AssertionError(unit)
+
+    def apply_plan(self, plan: Plan) -> nn.Module:
+        model = super().apply_plan(plan)
+        # ``mup_vector`` is a non-persistent buffer that FalconH1Model fills in its own init. A pruned model
+        # is rebuilt and pruned before its weights load, and nothing fills it then (pruned mixers also
+        # hold sliced copies), so it is saved with the weights instead.
+        for layer in self.layers():
+            layer.mamba._non_persistent_buffers_set.discard("mup_vector")
+        return model
+
+    def _renumber(self, layer: nn.Module, new_idx: int) -> None:
+        layer.mamba.layer_idx = new_idx
+        layer.self_attn.layer_idx = new_idx
+
+    def _set_layers(self, layers: nn.ModuleList) -> None:
+        self.decoder.layers = layers
+
+    def _update_config_after_block_removal(self, kept: list[int]) -> None:
+        # Every Falcon-H1 layer has the same structure, so fewer layers is all the config has to say.
+        self.config.num_hidden_layers = len(kept)
+
+    def block_only_export_supported(self, plan: Plan) -> bool:
+        return plan.kinds() <= {"block"}
+
+    # ---------------------------------------------------------------- layer-wise forward
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        hidden = self.decoder.embed_tokens(input_ids) * self.decoder.embedding_multiplier
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        kw = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
+              "past_key_values": None, "position_ids": position_ids}
+        masks = (create_causal_mask(**kw), create_recurrent_attention_mask(**kw))
+        position_embeddings = self.decoder.rotary_emb(hidden, position_ids=position_ids)
+        return hidden, (masks, position_ids, position_embeddings)
+
+    def run_layer(self, index: int, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
+        (attn_mask, mamba_mask), position_ids, position_embeddings = ctx
+        out = self.layers()[index](hidden, attention_mask=attn_mask, mamba_attention_mask=mamba_mask,
+                                   position_ids=position_ids, past_key_values=None,
+                                   position_embeddings=position_embeddings)
+        return out[0]
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        # The model multiplies its logits by lm_head_multiplier; lm_head has no bias, so it is folded in here.
+        return self.decoder.final_layernorm(hidden) * self.decoder.lm_head_multiplier
+
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def lora_target_modules(self) -> list[str]:
+        return ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+__all__ = ["AttentionRemoved", "FalconH1Adapter", "ScaledLinear", "SiluGate", "falcon_ssm_free",
+           "prune_falcon_heads"]

@@ -1,0 +1,362 @@
+"""Adapter for Zamba2 (``Zamba2ForCausalLM``), the hybrid of the Mamba-Shedder paper.
+
+Layout: ``model.{embed_tokens, layers[i], final_layernorm}`` + ``lm_head``. A layer is either a Mamba
+decoder (``input_layernorm`` + ``mamba`` mixer + residual) or a hybrid layer: a *use* of a shared
+attention+MLP block (``shared_transformer``, weights tied across the uses of the same block, with
+per-use LoRA-style adapters selected by the use's position) whose output, after a per-layer ``linear``,
+is added to the input of the layer's own Mamba decoder (``mamba_decoder``).
+
+Units:
+
+* ``block``: a whole layer (for a hybrid layer: its Mamba decoder and its use of the shared block; the
+  shared block only feeds that Mamba decoder, so nothing of it survives).
+* ``ssm`` / ``ssm_heads``: the selective scan / SSD heads of a layer's Mamba-2 mixer.
+* ``hybrid``: one use of the shared block; the layer becomes a plain Mamba layer.
+* ``attn_heads`` / ``mlp_channels``: heads / hidden channels of a *shared* block, anchored at the first
+  layer that uses it; all uses (and their adapters: q/k/v adapter output rows, gate_up adapter rows)
+  are pruned consistently, and the unit outlives the removal of its anchor layer.
+
+Plans of ``block``/``hybrid`` units (and ``mlp_channels`` that leave every shared block the same width)
+map onto a stock Zamba2 config when every kept use keeps its shared block (use ``k`` uses block
+``k % num_mem_blocks``); those export to a plain checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
+from transformers.models.zamba2.modeling_zamba2 import Zamba2HybridLayer
+
+from ..errors import PlanError
+from ..units import Plan, Unit
+from .base import ArchAdapter, Undo
+from .mamba2_heads import Mamba2UnitsMixin
+from .width import (
+    attention_head_plan,
+    check_attention_heads,
+    head_channels,
+    kept_positions,
+    prune_attention_heads,
+    select_linear,
+    shallow_clone,
+)
+
+_SHARED_ATTR = {"attn_heads": "self_attn", "mlp_channels": "feed_forward"}
+
+
+def _select_adapters(adapters: nn.ModuleList, rows: Sequence[int], share: bool) -> nn.ModuleList:
+    """Per-use adapters (Sequential(down, up) or Identity): keep output ``rows`` of each ``up``."""
+    out = []
+    for a in adapters:
+        if isinstance(a, nn.Sequential):
+            out.append(nn.Sequential(a[0], select_linear(a[1], rows=rows, share=share)))
+        else:
+            out.append(a)
+    return nn.ModuleList(out)
+
+
+def prune_zamba2_attention(attn: nn.Module, removed: set[int], *, share: bool) -> nn.Module:
+    """Shared Zamba2 attention without the query heads ``removed`` (original indices), adapters included."""
+    hd = attn.head_dim
+    heads = attn.q_proj.out_features // hd
+    kv_heads = attn.k_proj.out_features // hd
+    held = getattr(attn, "shedder_heads", tuple(range(heads)))
+    kept = kept_positions(held, removed)
+    new = prune_attention_heads(attn, kept, heads, kv_heads, share=share)
+    if hasattr(attn, "linear_q_adapter_list"):
+        kv, _ = attention_head_plan(kept, heads, kv_heads)
+        q_rows, kv_rows = head_channels(kept, hd), head_channels(kv, hd)
+        new.linear_q_adapter_list = _select_adapters(attn.linear_q_adapter_list, q_rows, share)
+        new.linear_k_adapter_list = _select_adapters(attn.linear_k_adapter_list, kv_rows, share)
+        new.linear_v_adapter_list = _select_adapters(attn.linear_v_adapter_list, kv_rows, share)
+    new.shedder_heads = tuple(held[k] for k in kept)
+    return new
+
+
+def prune_zamba2_mlp(mlp: nn.Module, removed: set[int], *, share: bool) -> nn.Module:
+    """Shared Zamba2 MLP (fused gate_up_proj) without hidden channels ``removed`` (original indices)."""
+    size = mlp.intermediate_size
+    held = getattr(mlp, "shedder_channels", tuple(range(size)))
+    kept = kept_positions(held, removed)
+    rows = kept + [size + c for c in kept]
+    new = shallow_clone(mlp)
+    new.gate_up_proj = select_linear(mlp.gate_up_proj, rows=rows, share=share)
+    new.down_proj = select_linear(mlp.down_proj, cols=kept, share=share)
+    new.gate_up_proj_adapter_list = _select_adapters(mlp.gate_up_proj_adapter_list, rows, share)
+    new.intermediate_size = len(kept)
+    new.shedder_channels = tuple(held[k] for k in kept)
+    return new
+
+
+class Zamba2Adapter(Mamba2UnitsMixin, ArchAdapter):
+    family = "zamba2"
+    model_types = ("zamba2",)
+    unit_kinds = ("block", "ssm", "ssm_heads", "hybrid", "attn_heads", "mlp_channels")
+    width_kinds = frozenset({"ssm_heads", "attn_heads", "mlp_channels"})
+    shared_kinds = frozenset({"attn_heads", "mlp_channels"})
+    # MLP channels per search candidate when width_groups does not say: 1/8 of the width.
+    mlp_candidates_per_layer: ClassVar[int] = 8
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self._derive_structure()
+        self._shared_state: dict[tuple[str, int], frozenset[int]] = {}
+        self._shared_originals: dict[tuple[str, int], list[tuple[nn.Module, nn.Module]]] = {}
+
+    def _derive_structure(self) -> None:
+        """Index the layers: Mamba decoder of each layer, hybrid layers, shared blocks and their uses."""
+        layers = self.layers()
+        self._mamba_layers = [layer.mamba_decoder if self._is_hybrid(layer) else layer for layer in layers]
+        self._hybrid_layers = {i: layer for i, layer in enumerate(layers) if self._is_hybrid(layer)}
+        # Shared blocks, anchored at their first use. Transformers ties the uses of one block only when
+        # tie_word_embeddings is set; otherwise every use owns its weights (a block of its own).
+        self._blocks: dict[int, list[int]] = {}
+        anchors: dict[int, int] = {}
+        for i, layer in self._hybrid_layers.items():
+            anchor = anchors.setdefault(self._block_key(i, layer), i)
+            self._blocks.setdefault(anchor, []).append(i)
+        for use, layer in enumerate(self._hybrid_layers.values()):
+            layer.shedder_use = use  # position of this use in the per-use adapter lists
+
+    def _block_key(self, index: int, layer: nn.Module) -> int:
+        if getattr(self.config, "tie_word_embeddings", False):
+            return layer.shared_transformer.block_id
+        return -1 - index
+
+    @staticmethod
+    def _is_hybrid(layer: nn.Module) -> bool:
+        return isinstance(layer, Zamba2HybridLayer)
+
+    @property
+    def inner(self) -> nn.Module:
+        return self.model.model
+
+    def layers(self) -> nn.ModuleList:
+        return self.inner.layers
+
+    def _mixer_location(self, layer: int) -> tuple[nn.Module, str]:
+        return self._mamba_layers[layer], "mamba"
+
+    # ---------------------------------------------------------------- units
+    def has_unit(self, kind: str, layer: int) -> bool:
+        if kind == "hybrid":
+            return layer in self._hybrid_layers
+        if kind in self.shared_kinds:
+            return layer in self._blocks
+        return True
+
+    def width_size(self, kind: str, layer: int) -> int:
+        if kind == "ssm_heads":
+            return self._ssm_heads_size(layer)
+        if kind == "attn_heads":
+            return self.config.num_attention_heads
+        if kind == "mlp_channels":
+            return self.config.intermediate_size
+        return super().width_size(kind, layer)
+
+    def width_group(self, kind: str) -> int:
+        if kind == "mlp_channels" and kind not in self.width_groups:
+            return max(1, -(-self.config.intermediate_size // self.mlp_candidates_per_layer))
+        return super().width_group(kind)
+
+    def width_candidates(self, kind: str, layer: int) -> list[tuple[int, ...]]:
+        if kind == "ssm_heads":
+            return self._ssm_heads_candidates(layer)
+        if kind == "attn_heads":  # whole KV groups (single heads for multi-head attention)
+            rep = self.config.num_attention_heads // self.config.num_key_value_heads
+            n = self.width_group(kind)
+            groups = self.config.num_key_value_heads
+            return [tuple(range(g * rep, min(g + n, groups) * rep)) for g in range(0, groups, n)]
+        return super().width_candidates(kind, layer)
+
+    def whole_kind_for(self, width_kind: str) -> str:
+        return "hybrid" if width_kind in self.shared_kinds else "block"
+
+    def _check_width(self, unit: Unit, already_removed: set[int]) -> None:
+        removed = already_removed | set(unit.indices)
+        if unit.kind == "ssm_heads":
+            self._check_ssm_heads(unit.layer, removed)
+        elif unit.kind == "attn_heads":
+            check_attention_heads(removed, self.config.num_attention_heads, self.config.num_key_value_heads)
+
+    def _check_unit(self, unit: Unit, state: dict[str, Any]) -> None:
+        super()._check_unit(unit, state)
+        if unit.kind in self.shared_kinds:
+            live = [i for i in self._blocks[unit.layer]
+                    if i not in state["blocks"] and ("hybrid", i) not in state["parts"]]
+            if not live:
+                raise PlanError(
+                    f"every use of the shared block anchored at layer {unit.layer} (layers "
+                    f"{self._blocks[unit.layer]}) was already removed; its {unit.kind} no longer matter"
+                )
+
+    # ---------------------------------------------------------------- masking
+    def _mask_part(self, unit: Unit) -> Undo:
+        if unit.kind in ("ssm", "ssm_heads"):
+            return self._mask_mixer_unit(unit.kind, unit.layer, unit.indices)
+        if unit.kind == "hybrid":
+            layers, i = self.layers(), unit.layer
+            original = layers[i]
+            layers[i] = self._hybrid_layers[i].mamba_decoder
+
+            def undo() -> None:
+                layers[i] = original
+
+            return undo
+        return self._mask_shared(unit)
+
+    def _prune_shared(self, kind: str, module: nn.Module, removed: set[int], share: bool) -> nn.Module:
+        if kind == "attn_heads":
+            return prune_zamba2_attention(module, removed, share=share)
+        return prune_zamba2_mlp(module, removed, share=share)
+
+    def _mask_shared(self, unit: Unit) -> Undo:
+        key, attr = (unit.kind, unit.layer), _SHARED_ATTR[unit.kind]
+        uses = [self._hybrid_layers[i].shared_transformer for i in self._blocks[unit.layer]]
+        previous = self._shared_state.get(key)
+        if previous is None:
+            self._shared_originals[key] = [(st, getattr(st, attr)) for st in uses]
+        before = [getattr(st, attr) for st in uses]
+        removed = (previous or frozenset()) | frozenset(unit.indices)
+        for st, original in self._shared_originals[key]:
+            setattr(st, attr, self._prune_shared(unit.kind, original, set(removed), share=True))
+        self._shared_state[key] = removed
+
+        def undo() -> None:
+            for st, module in zip(uses, before):
+                setattr(st, attr, module)
+            if previous is None:
+                self._shared_state.pop(key, None)
+                self._shared_originals.pop(key, None)
+            else:
+                self._shared_state[key] = previous
+
+        return undo
+
+    # ---------------------------------------------------------------- physical removal
+    def _remove_part(self, unit: Unit) -> None:
+        if unit.kind in ("ssm", "ssm_heads"):
+            self._remove_mixer_unit(unit.kind, unit.layer, unit.indices)
+        elif unit.kind == "hybrid":
+            self.layers()[unit.layer] = self._hybrid_layers[unit.layer].mamba_decoder
+        else:
+            attr = _SHARED_ATTR[unit.kind]
+            layers = self.layers()
+            uses = [layers[i].shared_transformer for i in self._blocks[unit.layer] if self._is_hybrid(layers[i])]
+            if not uses:
+                return
+            # One pruned module, used by every use of the block (their weights were tied anyway).
+            pruned = self._prune_shared(unit.kind, getattr(uses[0], attr), set(unit.indices), share=False)
+            for st in uses:
+                setattr(st, attr, pruned)
+
+    def apply_plan(self, plan: Plan) -> nn.Module:
+        super().apply_plan(plan)
+        self._sync_structure()
+        return self.model
+
+    def _renumber(self, layer: nn.Module, new_idx: int) -> None:
+        mamba_layer = layer.mamba_decoder if self._is_hybrid(layer) else layer
+        mamba_layer.layer_idx = new_idx
+        mamba_layer.mamba.layer_idx = new_idx
+
+    def _set_layers(self, layers: nn.ModuleList) -> None:
+        self.inner.layers = layers
+
+    def _update_config_after_block_removal(self, kept: list[int]) -> None:
+        pass  # _sync_structure derives the whole config from the pruned layers
+
+    def _sync_structure(self) -> None:
+        """Make config, per-use adapter indexing and weight tying follow the (pruned) layer list."""
+        layers = self.layers()
+        types = ["hybrid" if self._is_hybrid(layer) else "linear_attention" for layer in layers]
+        hybrid_ids = [i for i, t in enumerate(types) if t == "hybrid"]
+        self.config.layers_block_type = types
+        self.config.num_hidden_layers = len(types)
+        self.config.hybrid_layer_ids = hybrid_ids
+        self.inner.layers_block_type = types
+        uses = [layers[i] for i in hybrid_ids]
+        old_use = [layer.shedder_use for layer in uses]
+        layer_dic = {pos: k for k, pos in enumerate(hybrid_ids)}
+        seen: set[int] = set()
+        for layer in uses:
+            for module in (layer.shared_transformer.self_attn, layer.shared_transformer.feed_forward):
+                if id(module) in seen:
+                    continue
+                seen.add(id(module))
+                for name in ("linear_q_adapter_list", "linear_k_adapter_list", "linear_v_adapter_list",
+                             "gate_up_proj_adapter_list"):
+                    if hasattr(module, name):
+                        old = getattr(module, name)
+                        setattr(module, name, nn.ModuleList([old[k] for k in old_use]))
+                module.layer_dic = dict(layer_dic)
+                module.num_fwd_mem_blocks = len(uses)
+                if hasattr(module, "layer_block_map"):
+                    module.layer_block_map = list(hybrid_ids)
+        for k, layer in enumerate(uses):
+            layer.shedder_use = k
+        widths = {layer.shared_transformer.feed_forward.intermediate_size for layer in uses}
+        if len(widths) == 1:
+            self.config.intermediate_size = widths.pop()
+        self._retie(hybrid_ids)
+        self._derive_structure()
+
+    def _retie(self, hybrid_ids: list[int]) -> None:
+        layers = self.layers()
+        tied: dict[str, str] = {}
+        anchors: dict[int, int] = {}
+        for i in hybrid_ids:
+            anchor = anchors.setdefault(self._block_key(i, layers[i]), i)
+            if anchor != i:
+                tied[f"layers.{i}.shared_transformer"] = f"layers.{anchor}.shared_transformer"
+        self.inner._tied_weights_keys = tied
+        self.inner.all_tied_weights_keys = self.inner.get_expanded_tied_weights_keys(all_submodels=False)
+        top = self.model.get_expanded_tied_weights_keys(all_submodels=False)
+        top.update({f"model.{k}": f"model.{v}" for k, v in self.inner.all_tied_weights_keys.items()})
+        self.model.all_tied_weights_keys = top
+
+    def block_only_export_supported(self, plan: Plan) -> bool:
+        """Stock Zamba2 can express the result: no SSM/head changes, every kept use keeps its shared block,
+        and all shared MLPs have the same width. Called on the pruned model."""
+        if not plan.kinds() <= {"block", "hybrid", "mlp_channels"}:
+            return False
+        uses = [layer for layer in self.layers() if self._is_hybrid(layer)]
+        n_blocks = self.config.num_mem_blocks
+        if any(layer.shared_transformer.block_id != k % n_blocks for k, layer in enumerate(uses)):
+            return False
+        widths = {layer.shared_transformer.feed_forward.intermediate_size for layer in uses}
+        return len(widths) <= 1
+
+    # ---------------------------------------------------------------- layer-wise forward
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        hidden = self.inner.embed_tokens(input_ids)
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        kwargs = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
+                  "past_key_values": None, "position_ids": position_ids}
+        ctx = {
+            "original": hidden.clone(),
+            "full": create_causal_mask(**kwargs),
+            "linear": create_recurrent_attention_mask(**kwargs),
+            "position_ids": position_ids,
+            "rope": self.inner.rotary_emb(hidden, position_ids=position_ids) if self.config.use_mem_rope else None,
+        }
+        return hidden, ctx
+
+    def run_layer(self, index: int, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
+        return self.layers()[index](
+            hidden, ctx["original"], index, ctx["linear"], ctx["full"], past_key_values=None, use_cache=False,
+            position_embeddings=ctx["rope"], position_ids=ctx["position_ids"],
+        )
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.inner.final_layernorm(hidden)
+
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def lora_target_modules(self) -> list[str]:
+        return ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]

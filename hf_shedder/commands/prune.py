@@ -1,0 +1,104 @@
+"""``hf-shedder prune --model M --units ssm --steps K --calibration alpaca --out DIR [--apply]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..data import valid_sources
+from ..errors import SearchError
+from ..search.settings import NORMALIZE_CHOICES
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model: hub name or local directory")
+    p.add_argument("--units", default="block", help="comma-separated unit kinds, e.g. block, ssm or ssm,block")
+    p.add_argument("--steps", type=int, required=True, help="units to remove (one per greedy step)")
+    p.add_argument("--calibration", default="alpaca",
+                   help=f"calibration data: {' | '.join(valid_sources())} | a local .txt/.json/.jsonl file")
+    p.add_argument("--samples", type=int, default=256, help="calibration samples (default 256)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sample (default 2048)")
+    p.add_argument("--seed", type=int, default=42, help="calibration sampling seed (default 42)")
+    p.add_argument("--out", required=True, help="output directory (journal, plan, trajectory); re-run to resume")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--device-map", default=None, help="e.g. auto: spread a large model over the GPUs (accelerate)")
+    p.add_argument("--exact-reference", action="store_true",
+                   help="run the plain reference loop (a full forward per candidate) instead of the accelerated search")
+    p.add_argument("--no-early-abandon", action="store_true", help="measure every candidate on every batch")
+    p.add_argument("--race", type=float, default=None, metavar="FRACTION",
+                   help="APPROXIMATE: after this fraction of the batches keep only --race-keep candidates")
+    p.add_argument("--race-keep", type=int, default=3)
+    p.add_argument("--target-params", type=float, default=None,
+                   help="stop once the parameter count is at most this fraction of the base model's")
+    p.add_argument("--max-ppl", type=float, default=None, help="stop before a step whose perplexity exceeds this")
+    p.add_argument("--normalize", choices=[c for c in NORMALIZE_CHOICES if c], default=None,
+                   help="params: rank candidates by NLL increase per removed parameter")
+    p.add_argument("--split", choices=["batches", "candidates"], default="batches",
+                   help="several processes (torchrun): split calibration batches (default) or candidates")
+    p.add_argument("--tokenizer", default=None, help="tokenizer name/folder (default: the model's, else bundled GPT-NeoX)")
+    p.add_argument("--apply", action="store_true", help="extract the pruned model to OUT/model at the end")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _tokenizer(model: str, name: str | None):  # noqa: ANN202
+    from ..data import load_tokenizer
+    from ..loading import load_tokenizer_for
+
+    if name:
+        return load_tokenizer(name)
+    tok = load_tokenizer_for(model) if Path(model).is_dir() else None
+    if tok is not None and tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok or load_tokenizer()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import load_calibration
+    from ..distributed import init_from_env, rank_device
+    from ..loading import count_parameters, load_model, parse_dtype
+    from ..search import SearchSettings, search
+
+    if args.steps < 1:
+        raise SearchError(f"--steps must be >= 1, got {args.steps}")
+    device = rank_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    settings = SearchSettings(
+        units=args.units, steps=args.steps, target_params=args.target_params, max_ppl=args.max_ppl,
+        calibration=args.calibration, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
+        batch_size=args.batch_size, dtype=None, device=None, exact_reference=args.exact_reference,
+        normalize=args.normalize, early_abandon=not args.no_early_abandon, race_fraction=args.race,
+        race_keep=args.race_keep, split=args.split,
+    )
+    comm = init_from_env(device)
+    tokenizer = _tokenizer(args.model, args.tokenizer)
+    calib = load_calibration(args.calibration, tokenizer, n_samples=args.samples, seqlen=args.seqlen, seed=args.seed)
+    kwargs = {"device_map": args.device_map} if args.device_map else {}
+    model = load_model(args.model, dtype=parse_dtype(args.dtype), device=None if args.device_map else device, **kwargs)
+    result = search(model, calib, settings, out_dir=args.out, progress=not args.no_progress, comm=comm)
+    if comm.is_main:
+        c = result.counters
+        print(f"plan: {[str(u) for u in result.plan]} ({result.stop_reason})")
+        print(f"perplexity {result.base_ppl:.4g} -> {result.trajectory[-1]['ppl']:.4g}; parameters "
+              f"{result.base_params:,} -> {result.trajectory[-1]['params']:,}")
+        print(f"work: {c['layer_evals']:,} layer evaluations, {c['head_evals']:,} head evaluations, {c['seconds']:.1f} s")
+        print(f"wrote {args.out}/plan.json, trajectory.csv/json/png, journal.json")
+    if args.apply and comm.is_main:
+        from ..modeling import PrunedMambaForCausalLM
+        from ..outputs import staged_directory
+
+        before = count_parameters(model)
+        provenance = {"base_model": args.model, "search": json.loads(json.dumps(settings.to_dict()))}
+        pruned = PrunedMambaForCausalLM.from_base(model, result.plan, provenance=provenance, inplace=True)
+        target = Path(args.out) / "model"
+        with staged_directory(target, overwrite=True) as tmp:
+            pruned.save_pretrained(tmp, export="remote_code")
+            pruned.config.get_plan().save(tmp / "shedder_plan.json")
+            tokenizer.save_pretrained(tmp)
+        after = count_parameters(pruned)
+        print(f"pruned model: {before:,} -> {after:,} parameters ({after / before:.1%}); saved to {target}")
+    comm.barrier()
+    return 0

@@ -1,0 +1,506 @@
+"""The greedy Mamba-Shedder search: reference semantics, accelerated evaluation, resumable journal.
+
+At every step each remaining candidate unit is removed (masked) on top of the current plan and the
+calibration perplexity is measured; the candidate with the lowest perplexity (first in candidate
+order on ties) joins the plan. ``exact_reference=True`` measures each candidate with a full model
+forward per batch, like the reference. The default runs, per batch, the current plan once layer by
+layer, caching the hidden state entering each layer, and each candidate only from its own layer on.
+Exact early abandon: every per-sample NLL is >= 0, so once a candidate's partial sum exceeds the total
+of a candidate already measured on all batches (the *leader*, the previous step's runner-up), it
+cannot win and is dropped.
+
+Work is organised in *rounds* of ``world_size`` calibration batches (one per process); results are
+gathered and replayed in batch order, so one process and several make the same decisions and write
+the same journal.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import get_adapter
+from ..data import CalibrationSet
+from ..distributed import Comm
+from ..errors import DataError, SearchError
+from ..loading import parse_dtype, skeleton_parameters
+from ..units import Plan, Unit
+from .evaluator import BASE, Evaluator, unit_key
+from .journal import JOURNAL_NAME, check_resumable, new_journal, read_journal, write_journal
+from .settings import SearchSettings, identity, model_identity
+
+
+@dataclass
+class SearchResult:
+    """What a search found: the ordered plan, the trajectory and every candidate's perplexity."""
+
+    plan: Plan
+    trajectory: list[dict[str, Any]]
+    steps: list[dict[str, Any]]
+    counters: dict[str, Any]
+    stop_reason: str
+    base_ppl: float
+    base_params: int
+    settings: SearchSettings
+    out_dir: Path | None = None
+    journal: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def candidate_ppls(self) -> list[dict[str, float | None]]:
+        """Per step: candidate key -> perplexity (None when abandoned or raced out)."""
+        return [{c["unit"]: c["ppl"] for c in s["candidates"]} for s in self.steps]
+
+
+def _mean(values: list[float | None], n_valid: int) -> float:
+    # fsum is exactly rounded, so a partial sum of non-negative terms never exceeds the full one:
+    # the early-abandon bound stays exact without any tolerance.
+    return math.fsum(v for v in values if v is not None) / n_valid
+
+
+def _ppl(mean_nll: float) -> float:
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf
+
+
+class _Search:
+    def __init__(
+        self,
+        model: nn.Module,
+        calibration: CalibrationSet,
+        settings: SearchSettings,
+        out_dir: str | Path | None,
+        progress: bool,
+        comm: Comm,
+    ) -> None:
+        self.settings = settings
+        self.comm = comm
+        self.progress = progress and comm.is_main
+        if settings.dtype:
+            model.to(parse_dtype(settings.dtype))
+        if settings.device and not getattr(model, "hf_device_map", None):
+            model.to(settings.device)
+        self.model = model.eval()
+        self.adapter = get_adapter(model)
+        self.adapter.clear_mask()
+        self.empty = self.adapter.empty_plan()
+        initial = self.adapter.candidates(self.empty, settings.units)
+        if settings.steps > len(initial):
+            raise SearchError(
+                f"steps={settings.steps} is more than the {len(initial)} removable "
+                f"{'/'.join(settings.units)} units of this {self.adapter.num_layers()}-layer model; "
+                f"use --steps {len(initial)} or fewer"
+            )
+        if len(calibration) == 0:
+            raise DataError("the calibration set has no samples")
+        self.ev = Evaluator(model, self.adapter, calibration, settings.batch_size, settings.ignore_token_id,
+                            settings.cache_device)
+        if self.ev.n_valid == 0:
+            raise DataError("the calibration set has no targets: every sample is padding or shorter than 2 tokens")
+        self.nb = self.ev.n_batches
+        self.base_params = skeleton_parameters(copy.deepcopy(model.config))
+        self._removed_cache: dict[tuple, int] = {}
+        self.ident = identity(settings, model_identity(model), calibration.fingerprint())
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.journal = self._open_journal()
+        self._last = self.ev.snapshot()
+        self._clock = time.perf_counter()
+
+    # ------------------------------------------------------------------ journal
+    def _open_journal(self) -> dict[str, Any]:
+        fresh = new_journal(self.settings.to_dict(), self.ident, self.ident.get("model.name"))
+        if self.out_dir is None:
+            return fresh
+        path = self.out_dir / JOURNAL_NAME
+        outcome: Any = None
+        if self.comm.is_main:
+            try:
+                data = read_journal(path)
+                if data is not None:
+                    check_resumable(data, self.ident, path)
+                    data["settings"] = self.settings.to_dict()  # stopping rules may differ
+                outcome = ("ok", data)
+            except SearchError as e:
+                outcome = ("error", str(e))
+        outcome = self.comm.broadcast(outcome)
+        if outcome[0] == "error":
+            raise SearchError(outcome[1])
+        return outcome[1] if outcome[1] is not None else fresh
+
+    def _account(self, deltas: list[dict[str, int]] | None = None) -> None:
+        """Add work and time since the last call to the journal (work summed over processes)."""
+        now = time.perf_counter()
+        snap = self.ev.snapshot()
+        local = {k: snap[k] - self._last[k] for k in snap}
+        self._last = snap
+        for d in deltas if deltas is not None else [local]:
+            for k, v in d.items():
+                self.journal["counters"][k] += v
+        dt = now - self._clock
+        self._clock = now
+        self.journal["counters"]["seconds"] += dt
+        if self.journal["partial"] is not None:
+            self.journal["partial"]["seconds"] += dt
+
+    def _local_delta(self) -> dict[str, int]:
+        snap = self.ev.snapshot()
+        return {k: snap[k] - self._last[k] for k in snap}
+
+    def _gather(self, payload: Any) -> list[tuple[Any, dict[str, int]]]:
+        gathered = self.comm.gather((payload, self._local_delta()))
+        self._account([d for _, d in gathered])
+        return gathered
+
+    def _save(self) -> None:
+        if self.out_dir is not None and self.comm.is_main:
+            write_journal(self.out_dir / JOURNAL_NAME, self.journal)
+
+    # ------------------------------------------------------------------ parameters and scores
+    def _params(self, plan: Plan) -> int:
+        # a copy: skeleton_parameters' apply_plan would rewrite the config it is given (layer count)
+        return skeleton_parameters(copy.deepcopy(self.model.config), plan) if len(plan) else self.base_params
+
+    def _removed(self, plan: Plan, unit: Unit) -> int:
+        """Parameters ``unit`` removes on top of ``plan`` (only same-layer units interact)."""
+        same = tuple(u for u in plan if u.layer == unit.layer)
+        key = (unit, same)
+        if key not in self._removed_cache:
+            before = Plan(list(same))
+            self._removed_cache[key] = self._params(before) - self._params(before.extended(unit))
+        return self._removed_cache[key]
+
+    def _score(self, mean_nll: float, plan: Plan, unit: Unit, current_nll: float | None) -> float:
+        if self.settings.normalize is None:
+            return mean_nll
+        if current_nll is None:
+            raise AssertionError("normalized scores need the current plan's NLL")
+        return (mean_nll - current_nll) / max(1, self._removed(plan, unit))
+
+    # ------------------------------------------------------------------ stopping rules
+    def _accepted(self) -> tuple[int, str | None]:
+        """How many recorded steps form the plan, and why the search stops there (None: go on)."""
+        s, n = self.settings, 0
+        for step in self.journal["steps"]:
+            if n >= s.steps:
+                return n, "steps"
+            if s.max_ppl is not None and step["ppl"] > s.max_ppl:
+                return n, "max_ppl"
+            n += 1
+            if s.target_params is not None and step["params"] <= s.target_params * self.base_params:
+                return n, "target_params"
+        if n >= s.steps:
+            return n, "steps"
+        exhausted = self.journal.get("exhausted_at")
+        if exhausted is not None and n >= exhausted:
+            return n, "no_candidates"
+        return n, None
+
+    def _plan_of(self, n: int) -> Plan:
+        return self.empty.extended(*[Unit.from_dict(st["unit"]) for st in self.journal["steps"][:n]])
+
+    # ------------------------------------------------------------------ running
+    def run(self) -> SearchResult:
+        steps_bar = tqdm(total=self.settings.steps, desc="search steps", disable=not self.progress,
+                         initial=min(len(self.journal["steps"]), self.settings.steps))
+        try:
+            while True:
+                n, reason = self._accepted()
+                if reason is not None:
+                    break
+                plan = self._plan_of(n)
+                cands = self.adapter.candidates(plan, self.settings.units)
+                if not cands:
+                    self.journal["exhausted_at"] = n
+                    continue
+                record = self._step(n, plan, cands)
+                self.journal["steps"].append(record)
+                self.journal["partial"] = None
+                self._save()
+                steps_bar.update(1)
+                steps_bar.set_postfix_str(f"{record['key']} ppl={record['ppl']:.4g}")
+        finally:
+            steps_bar.close()
+            self.ev.release()
+            self.ev.close()
+        self.journal["stop_reason"] = reason
+        self.journal["done"] = True
+        self._save()
+        return self._result(n, reason)
+
+    def _result(self, n: int, reason: str) -> SearchResult:
+        steps = self.journal["steps"][:n]
+        base = self.journal["base"]
+        rows = [{"step": 0, "unit": None, "ppl": base["ppl"], "params": base["params"], "seconds": 0.0}]
+        for st in steps:
+            rows.append({"step": st["step"] + 1, "unit": st["key"], "ppl": st["ppl"], "params": st["params"],
+                         "seconds": st["seconds"]})
+        return SearchResult(
+            plan=self._plan_of(n), trajectory=rows, steps=steps, counters=dict(self.journal["counters"]),
+            stop_reason=reason, base_ppl=base["ppl"], base_params=base["params"], settings=self.settings,
+            out_dir=self.out_dir, journal=self.journal,
+        )
+
+    # ------------------------------------------------------------------ one step
+    def _new_partial(self, n: int, cands: list[Unit]) -> dict[str, Any]:
+        leader = None
+        if not self.settings.exact_reference and self.settings.early_abandon and len(cands) > 1:
+            leader = unit_key(self._leader(cands))
+        keys = [unit_key(u) for u in cands]
+        if self.journal["base"] is None:
+            keys = [BASE, *keys]
+        return {
+            "step": n,
+            "leader": leader,
+            "values": {k: [] for k in keys},
+            "batches": {k: 0 for k in keys},
+            "status": {k: "active" for k in keys},
+            "main_batches": 0,
+            "seconds": 0.0,
+            "counters_at_start": {k: self.journal["counters"][k] for k in ("layer_evals", "head_evals", "candidate_batches")},
+        }
+
+    def _leader(self, cands: list[Unit]) -> Unit:
+        """The previous step's best remaining candidate (it usually stays good), else the first one."""
+        if self.journal["steps"]:
+            prev = self.journal["steps"][-1]
+            by_key = {unit_key(u): u for u in cands}
+            done = [c for c in prev["candidates"] if c["status"] == "done" and c["unit"] in by_key]
+            if done:
+                return by_key[min(done, key=lambda c: c["score"])["unit"]]
+        return cands[0]
+
+    def _step(self, n: int, plan: Plan, cands: list[Unit]) -> dict[str, Any]:
+        part = self.journal["partial"]
+        if part is None or part.get("step") != n:
+            part = self.journal["partial"] = self._new_partial(n, cands)
+        self._clock = time.perf_counter()
+        total = sum(self.nb - b for b in part["batches"].values())
+        bar = tqdm(total=total, desc=f"step {n + 1} candidates x batches", leave=False, disable=not self.progress)
+        try:
+            if self.settings.exact_reference:
+                self._plain_step(plan, cands, part, bar)
+            else:
+                self._layered_step(plan, cands, part, bar)
+        finally:
+            bar.close()
+        return self._finish_step(n, plan, cands, part)
+
+    def _current_nll(self) -> float | None:
+        if self.journal["steps"]:
+            return self.journal["steps"][-1]["mean_nll"]
+        base = self.journal["base"]
+        return base["mean_nll"] if base is not None else None
+
+    def _record_base(self, part: dict[str, Any]) -> None:
+        if self.journal["base"] is None and part["batches"].get(BASE) == self.nb:
+            mean = _mean(part["values"][BASE], self.ev.n_valid)
+            self.journal["base"] = {"mean_nll": mean, "ppl": _ppl(mean), "params": self.base_params}
+
+    # ---- the plain reference loop: candidate after candidate, every batch through model(...)
+    def _plain_step(self, plan: Plan, cands: list[Unit], part: dict[str, Any], bar: tqdm) -> None:
+        rank = self.comm.rank
+        items: list[Unit | str] = [BASE] if BASE in part["values"] else []
+        items += cands
+        if self._split_candidates:
+            self._plain_step_by_candidates(plan, items, part, bar)
+            return
+        for item in items:
+            k = item if item == BASE else unit_key(item)
+            unit = None if item == BASE else item
+            while part["batches"][k] < self.nb:
+                start = part["batches"][k]
+                b = start + rank
+                local = self.ev.plain(b, plan, unit) if b < self.nb else None
+                gathered = self._gather((b, local))
+                for (gb, vals), _ in sorted(gathered, key=lambda g: g[0][0]):
+                    if gb < self.nb:
+                        part["values"][k].extend(vals)
+                        part["batches"][k] += 1
+                        bar.update(1)
+                if item == BASE:
+                    self._record_base(part)
+                self._save()
+            if k != BASE:
+                part["status"][k] = "done"
+
+    def _plain_step_by_candidates(self, plan: Plan, items: list[Unit | str], part: dict[str, Any], bar: tqdm) -> None:
+        """Several processes, each measuring whole candidates on all batches (``split="candidates"``)."""
+        todo = [it for it in items if part["batches"][it if it == BASE else unit_key(it)] < self.nb]
+        W, rank = self.comm.world_size, self.comm.rank
+        for start in range(0, len(todo), W):
+            chunk = todo[start : start + W]
+            local = None
+            if rank < len(chunk):
+                item = chunk[rank]
+                unit = None if item == BASE else item
+                local = [v for b in range(self.nb) for v in self.ev.plain(b, plan, unit)]
+            for rk, (vals, _) in enumerate(self._gather(local)):
+                if rk < len(chunk):
+                    item = chunk[rk]
+                    k = item if item == BASE else unit_key(item)
+                    part["values"][k] = vals
+                    part["batches"][k] = self.nb
+                    if k != BASE:
+                        part["status"][k] = "done"
+                    bar.update(self.nb)
+            self._record_base(part)
+            self._save()
+
+    @property
+    def _split_candidates(self) -> bool:
+        return self.settings.split == "candidates" and self.comm.world_size > 1
+
+    # ---- the accelerated search
+    def _layered_step(self, plan: Plan, cands: list[Unit], part: dict[str, Any], bar: tqdm) -> None:
+        rank, nb = self.comm.rank, self.nb
+        by_key = {unit_key(u): u for u in cands}
+        leader_key = part["leader"]
+        # 1) the leader (and the current plan itself, first step) on every batch: the bound to beat
+        if leader_key is not None:
+            items: list[Unit | str] = [by_key[leader_key]]
+            if BASE in part["values"]:
+                items = [BASE, *items]
+            while part["batches"][leader_key] < nb:
+                start = part["batches"][leader_key]
+                b = start + rank
+                local = self.ev.layered(b, plan, items) if b < nb else None
+                for (gb, res), _ in sorted(self._gather((b, local)), key=lambda g: g[0][0]):
+                    if gb >= nb:
+                        continue
+                    for k, vals in res.items():
+                        part["values"][k].extend(vals)
+                        part["batches"][k] += 1
+                        bar.update(1)
+                self._record_base(part)
+                self._save()
+            part["status"][leader_key] = "done"
+        current_nll = self._current_nll()
+        best = None
+        if leader_key is not None:
+            best = self._score(_mean(part["values"][leader_key], self.ev.n_valid), plan, by_key[leader_key], current_nll)
+        # 2) every other candidate, batch-outer: one cached prefix per batch, one suffix per candidate
+        main = [k for k in by_key if k != leader_key]
+        race_end = math.ceil(self.settings.race_fraction * nb) if self.settings.race_fraction else None
+        while part["main_batches"] < nb:
+            active: list[Unit | str] = [by_key[k] for k in main if part["status"][k] == "active"]
+            if BASE in part["values"] and part["batches"][BASE] < nb:
+                active = [BASE, *active]
+            if not active:
+                part["main_batches"] = nb
+                break
+            if self._split_candidates:
+                # every process runs the prefix of the same batch and the suffixes of its share of candidates
+                b = part["main_batches"]
+                mine = active[rank :: self.comm.world_size]
+                local = self.ev.layered(b, plan, mine)
+                merged: dict[str, list[float | None]] = {}
+                for (_, res), _ in self._gather((b, local)):
+                    merged.update(res)
+                keys = [BASE] + [unit_key(u) for u in by_key.values()]
+                results = [(b, {k: merged[k] for k in keys if k in merged})]
+            else:
+                b = part["main_batches"] + rank
+                local = self.ev.layered(b, plan, active) if b < nb else None
+                results = [g for g, _ in sorted(self._gather((b, local)), key=lambda g: g[0][0])]
+            for gb, res in results:
+                if gb >= nb:
+                    continue
+                # replay in batch order: the same decisions as one process going batch by batch
+                for k, vals in res.items():
+                    if k != BASE and part["status"][k] != "active":
+                        continue
+                    part["values"][k].extend(vals)
+                    part["batches"][k] += 1
+                    bar.update(1)
+                    if k != BASE and best is not None and part["batches"][k] < nb:
+                        bound = self._score(_mean(part["values"][k], self.ev.n_valid), plan, by_key[k], current_nll)
+                        if bound > best:
+                            part["status"][k] = "abandoned"
+                            bar.update(nb - part["batches"][k])
+                if race_end is not None and gb + 1 == race_end:
+                    self._race_cut(main, part, bar)
+                part["main_batches"] = gb + 1
+            self._record_base(part)
+            self._save()
+        for k in main:
+            if part["status"][k] == "active" and part["batches"][k] == nb:
+                part["status"][k] = "done"
+
+    def _race_cut(self, main: list[str], part: dict[str, Any], bar: tqdm) -> None:
+        """Approximate: keep the ``race_keep`` candidates with the lowest partial NLL, drop the rest."""
+        active = [k for k in main if part["status"][k] == "active"]
+        ranked = sorted(active, key=lambda k: (math.fsum(v for v in part["values"][k] if v is not None), main.index(k)))
+        for k in ranked[self.settings.race_keep:]:
+            part["status"][k] = "raced_out"
+            bar.update(self.nb - part["batches"][k])
+
+    def _finish_step(self, n: int, plan: Plan, cands: list[Unit], part: dict[str, Any]) -> dict[str, Any]:
+        current_nll = self._current_nll()
+        rows, best, best_unit = [], None, None
+        for unit in cands:
+            k = unit_key(unit)
+            status = part["status"][k]
+            row: dict[str, Any] = {"unit": k, "status": status, "batches": part["batches"][k]}
+            if self.settings.normalize == "params":
+                row["params_removed"] = self._removed(plan, unit)
+            if status == "done":
+                mean = _mean(part["values"][k], self.ev.n_valid)
+                score = self._score(mean, plan, unit, current_nll)
+                row.update(mean_nll=mean, ppl=_ppl(mean), score=score)
+                if best is None or score < best:  # strict: ties keep the first in candidate order
+                    best, best_unit = score, unit
+            else:
+                lower = _mean(part["values"][k], self.ev.n_valid)
+                row.update(mean_nll=None, ppl=None, score=None, ppl_lower_bound=_ppl(lower))
+            rows.append(row)
+        if best_unit is None:
+            raise SearchError(f"step {n + 1}: no candidate was evaluated on all calibration batches")
+        chosen = next(r for r in rows if r["unit"] == unit_key(best_unit))
+        new_plan = plan.extended(best_unit)
+        self._account()
+        now = self.journal["counters"]
+        start = part["counters_at_start"]
+        return {
+            "step": n,
+            "unit": best_unit.to_dict(),
+            "key": unit_key(best_unit),
+            "mean_nll": chosen["mean_nll"],
+            "ppl": chosen["ppl"],
+            "score": chosen["score"],
+            "params": self._params(new_plan),
+            "seconds": part["seconds"],
+            "leader": part["leader"],
+            "candidates": rows,
+            "counters": {k: now[k] - start[k] for k in start},
+        }
+
+
+def search(
+    model: nn.Module,
+    calibration: CalibrationSet,
+    settings: SearchSettings | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    comm: Comm | None = None,
+) -> SearchResult:
+    """Run (or resume, from ``out_dir/journal.json``) the greedy search; returns the plan and trajectory.
+
+    With ``out_dir``, the journal is rewritten after every calibration round and the results (plan,
+    reference plan file, trajectory CSV/JSON/PNG) are written at the end, by rank 0 only.
+    """
+    settings = settings or SearchSettings()
+    comm = comm or Comm()
+    with torch.no_grad():
+        result = _Search(model, calibration, settings, out_dir, progress, comm).run()
+    if out_dir is not None and comm.is_main:
+        from .results import write_results
+
+        write_results(result, Path(out_dir))
+    comm.barrier()
+    return result

@@ -1,0 +1,176 @@
+"""Tests of the hf_shedder Hymba model (tiny random configs, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_shedder.models.hymba import HymbaCache, HymbaConfig, HymbaForCausalLM
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is many times faster than two on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(**overrides) -> HymbaConfig:
+    fields = dict(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mamba_d_state=4,
+        mamba_d_conv=3,
+        mamba_dt_rank=4,
+        num_memory_tokens=3,
+        sliding_window=4,
+        global_attn_idx=[0, 4],
+        kv_reuse_group=[[1, 2, 3]],
+        rope=True,
+        rope_type="ntk",
+        orig_max_position_embeddings=16,
+        max_position_embeddings=64,
+        kq_norm="none",
+        tie_word_embeddings=True,
+        use_cache=True,
+    )
+    fields.update(overrides)
+    return HymbaConfig(**fields)
+
+
+def tiny_model(**overrides) -> HymbaForCausalLM:
+    torch.manual_seed(0)
+    model = HymbaForCausalLM(tiny_config(**overrides)).eval()
+    with torch.no_grad():  # norms start at one; perturb so every parameter matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def ids(batch: int = 2, length: int = 11, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 61, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_forward_shapes_and_loss():
+    model = tiny_model()
+    x = ids()
+    out = model(input_ids=x, labels=x, use_cache=False, output_hidden_states=True)
+    assert out.logits.shape == (2, 11, 61)
+    assert torch.isfinite(out.loss)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert all(h.shape == (2, 11, 32) for h in out.hidden_states)
+
+
+def test_published_config_fields_load():
+    cfg = HymbaConfig(
+        hidden_size=1600, num_attention_heads=25, num_key_value_heads=5, mamba_expand=2,
+        attn_implementation="flex", kq_norm="none", v_head_dim=128, conv_dim={"0": 3200},
+        global_attn_idx=[0, 15, 31], kv_reuse_group=[[1, 2], [16, 17, 18]], mlp_hidden_act="silu",
+    )
+    assert cfg.v_head_dim == 128 and cfg.attn_implementation_new == "flex"
+    assert cfg.kv_producer_of()[17] == 16 and cfg.kv_producer_of()[15] is None
+    assert cfg.is_global_layer(15) is False or cfg.sliding_window is None
+
+
+def test_meta_tokens_change_the_output():
+    model = tiny_model()
+    x = ids()
+    base = model(input_ids=x, use_cache=False).logits
+    with torch.no_grad():
+        model.model.memory_tokens.add_(1.0)
+    moved = model(input_ids=x, use_cache=False).logits
+    assert not torch.allclose(base, moved)
+    # every position sees the meta tokens, even past the sliding window
+    assert (base - moved).abs().amax(dim=(0, 2)).min() > 0
+
+
+def test_kv_sharing_consumers_have_no_own_kv_and_use_producer():
+    model = tiny_model()
+    blocks = [layer.mamba for layer in model.model.layers]
+    assert blocks[1].k_size > 0 and blocks[2].k_size == 0 and blocks[3].k_size == 0
+    widths = [b.in_proj.out_features for b in blocks]
+    assert widths[2] < widths[1]
+    x = ids()
+    base = model(input_ids=x, use_cache=False).logits
+    # the consumers read the producer's keys/values: changing only the producer's key
+    # projection rows changes layer 2 and 3 attention even with layer 1 attention off
+    blocks[1].attn_off = True
+    before = model(input_ids=x, use_cache=False).logits
+    with torch.no_grad():
+        q = blocks[1].q_size
+        blocks[1].in_proj.weight[q : q + blocks[1].k_size].mul_(-1.0)
+    after = model(input_ids=x, use_cache=False).logits
+    blocks[1].attn_off = False
+    assert not torch.allclose(before, after)
+    assert not torch.allclose(base, before)
+
+
+def test_sliding_window_limits_context_and_global_layers_do_not():
+    torch.manual_seed(0)
+    swa_only = tiny_model(global_attn_idx=[], kv_reuse_group=None, num_hidden_layers=1)
+    swa_only.model.layers[0].mamba.ssm_off = True  # only attention carries context
+    x = ids(1, 12)
+    y = x.clone()
+    y[0, 0] = (y[0, 0] + 1) % 61
+    a = swa_only(input_ids=x, use_cache=False).logits
+    b = swa_only(input_ids=y, use_cache=False).logits
+    # token 0 is outside the last position's window (3 meta + window 4): no influence
+    assert torch.allclose(a[0, -1], b[0, -1], atol=1e-6)
+    assert not torch.allclose(a[0, 1], b[0, 1])
+    swa_only.model.layers[0].mamba.self_attn.is_global = True
+    c = swa_only(input_ids=x, use_cache=False).logits
+    d = swa_only(input_ids=y, use_cache=False).logits
+    assert not torch.allclose(c[0, -1], d[0, -1])
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    loaded, info = HymbaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    x = ids()
+    torch.testing.assert_close(loaded.eval()(input_ids=x).logits, model(input_ids=x).logits)
+    assert set(loaded.state_dict()) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("overrides", [{}, {"kq_norm": "perhead-rms", "rope_type": "dynamic_ntk"}])
+def test_cached_greedy_generation_equals_uncached(overrides):
+    model = tiny_model(**overrides)
+    prompt = ids(1, 3, seed=3)
+    new = 9  # runs past the sliding window, so the window-trimmed cache is exercised
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=new, do_sample=False, use_cache=True)
+        uncached = model.generate(prompt, max_new_tokens=new, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    # and token-by-token logits through the cache match full-sequence logits
+    with torch.no_grad():
+        full = model(input_ids=cached, use_cache=False).logits
+        out = model(input_ids=cached[:, :3], use_cache=True)
+        cache = out.past_key_values
+        assert isinstance(cache, HymbaCache)
+        steps = [out.logits[:, -1]]
+        for t in range(3, cached.shape[1]):
+            out = model(input_ids=cached[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 2:], atol=1e-5, rtol=1e-4)
+    assert cache.keys[1].shape[2] <= model.config.num_memory_tokens + model.config.sliding_window
+
+
+def test_right_padding_does_not_change_real_positions():
+    model = tiny_model()
+    a, b = ids(1, 9, seed=5), ids(1, 6, seed=6)
+    batch = torch.cat([a, torch.cat([b, torch.zeros(1, 3, dtype=torch.long)], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        padded = model(input_ids=batch, attention_mask=mask, use_cache=False).logits
+        alone = model(input_ids=b, use_cache=False).logits
+        first = model(input_ids=a, use_cache=False).logits
+    torch.testing.assert_close(padded[1, :6], alone[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(padded[0], first[0], atol=1e-5, rtol=1e-4)

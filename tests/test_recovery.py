@@ -1,0 +1,185 @@
+"""LoRA recovery tuning (PEFT + Trainer) on tiny pruned models, with a small word-level tokenizer so the
+vocabulary fits the tiny models (128) and sequences stay short."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+import hf_shedder
+from hf_shedder import Plan, Unit
+from hf_shedder import recovery as rec
+from hf_shedder.errors import DataError
+from hf_shedder.modeling import PrunedMambaForCausalLM
+from hf_shedder.recovery import RecoveryError, default_training_args, recover
+from tests.tiny_models import build_tiny
+
+# fp32 on CPU: merging W + B@A * scale reorders float sums, so allow a few ulps of the logit scale
+LOGIT_ATOL = 1e-4
+MAXLEN = 96
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the 120 most frequent words of the bundled rows (ids < the tiny models' 128),
+    so prompts are ~50 tokens and a training step takes a fraction of a second."""
+    import collections
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    counts: collections.Counter[str] = collections.Counter()
+    for row in rec.load_instruction_rows("bundled"):
+        counts.update(re.findall(r"\w+|[^\w\s]", rec.render_alpaca(row)))
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, (w, _) in enumerate(counts.most_common(120))}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", unk_token="<unk>",
+                                   pad_token="<|endoftext|>")
+
+
+def pruned_tiny(family: str = "mamba2", plan_units: list[Unit] | None = None) -> PrunedMambaForCausalLM:
+    units = plan_units if plan_units is not None else [Unit("ssm", 1), Unit("block", 2)]
+    return hf_shedder.prune(build_tiny(family, num_layers=4), Plan(units))
+
+
+def args_for(out: str, steps: int, ckpt_dir: str | None = None, **kw):  # noqa: ANN003, ANN201
+    settings = dict(max_steps=steps, per_device_train_batch_size=4, learning_rate=5e-3, warmup_steps=0,
+                    logging_steps=1, save_steps=steps, disable_tqdm=True, dataloader_pin_memory=False)
+    settings.update(kw)
+    return default_training_args(ckpt_dir or os.path.join(out, "checkpoints"), **settings)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):  # noqa: ANN001, ANN201
+    """One recovery run; the PEFT model's logits are captured just before merging."""
+    out = str(tmp_path_factory.mktemp("recovered"))
+    torch.manual_seed(0)
+    model = pruned_tiny()
+    probe = torch.randint(2, 122, (2, 40))
+    with torch.no_grad():
+        before = model(input_ids=probe).logits.clone()
+    captured = {}
+    original_merge = rec.merge_and_save
+
+    def spy(peft_model, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        peft_model.eval()
+        with torch.no_grad():
+            captured["peft"] = peft_model(input_ids=probe).logits.clone()
+        return original_merge(peft_model, *a, **k)
+
+    rec.merge_and_save = spy
+    try:
+        result = recover(model, word_tokenizer(), "bundled", out, training_args=args_for(out, 8), max_length=MAXLEN,
+                         val_size=8)
+    finally:
+        rec.merge_and_save = original_merge
+    return {"out": out, "result": result, "probe": probe, "before": before, "peft": captured["peft"], "model": model}
+
+
+def test_recovery_lowers_the_loss(trained) -> None:  # noqa: ANN001
+    res = trained["result"]
+    losses = [v for _, v in res.losses]
+    assert len(losses) == 8
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < first, losses
+    assert res.eval_loss_after < res.eval_loss_before
+
+
+def test_merged_model_loads_back_with_the_peft_logits(trained) -> None:  # noqa: ANN001
+    out, probe = trained["out"], trained["probe"]
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(loaded, PrunedMambaForCausalLM)
+    assert loaded.plan == trained["model"].plan  # same pruned architecture
+    with torch.no_grad():
+        logits = loaded(input_ids=probe).logits
+    # the adapter changed the model (else the comparison below would prove nothing) ...
+    assert (trained["peft"] - trained["before"]).abs().max() > 100 * LOGIT_ATOL
+    # ... and merging + saving + loading keeps exactly what the PEFT model computed
+    torch.testing.assert_close(logits, trained["peft"], atol=LOGIT_ATOL, rtol=0)
+    assert not any("lora" in k for k in loaded.state_dict())
+
+
+def test_settings_are_recorded(trained) -> None:  # noqa: ANN001
+    out = trained["out"]
+    config = json.load(open(os.path.join(out, "config.json")))
+    recovery = config["provenance"]["recovery"]
+    assert recovery["lora_r"] == 8 and recovery["steps"] == 8 and recovery["learning_rate"] == 5e-3
+    assert recovery["target_modules"] == sorted(rec.default_lora_targets(trained["model"]))
+    on_disk = json.load(open(os.path.join(out, rec.RECOVERY_FILE)))
+    assert on_disk["rows_used"] + on_disk["val_rows"] <= on_disk["rows_read"]
+    assert on_disk["loss_curve"]["loss"] == [v for _, v in trained["result"].losses]
+    assert Plan.load(os.path.join(out, rec.PLAN_FILE)) == trained["model"].plan
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path) -> None:  # noqa: ANN001
+    tok = word_tokenizer()
+    ckpt = str(tmp_path / "checkpoints")
+    # a constant schedule, so that a 2-step run is the first half of a 4-step run
+    straight = recover(pruned_tiny(), tok, "bundled", str(tmp_path / "a"), max_length=MAXLEN,
+                       training_args=args_for(str(tmp_path / "a"), 4, lr_scheduler_type="constant"))
+    # "interrupted" run: stops after 2 steps, leaving checkpoint-2 behind
+    first = recover(pruned_tiny(), tok, "bundled", str(tmp_path / "b"), max_length=MAXLEN,
+                    training_args=args_for(str(tmp_path / "b"), 2, ckpt, lr_scheduler_type="constant"))
+    assert first.resumed_from is None
+    assert os.path.isdir(os.path.join(ckpt, "checkpoint-2"))
+    resumed = recover(pruned_tiny(), tok, "bundled", str(tmp_path / "c"), max_length=MAXLEN,
+                      training_args=args_for(str(tmp_path / "c"), 4, ckpt, lr_scheduler_type="constant"))
+    assert resumed.resumed_from.endswith("checkpoint-2")
+    assert resumed.settings["steps"] == 4
+    sd_a, sd_c = straight.model.state_dict(), resumed.model.state_dict()
+    for k in sd_a:
+        torch.testing.assert_close(sd_c[k], sd_a[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_no_usable_rows(tmp_path) -> None:  # noqa: ANN001
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "say hi", "output": ""}) + "\n" + json.dumps({"text": "x"}) + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="no usable rows"):
+        recover(pruned_tiny(), word_tokenizer(), str(bad), str(out), training_args=args_for(str(out), 2))
+    assert not out.exists()
+
+
+def test_offline_hub_name_says_how_to_pass_a_file(tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="local JSON/JSONL file"):
+        recover(pruned_tiny(), word_tokenizer(), "yahma/alpaca-cleaned", str(out), training_args=args_for(str(out), 2))
+    assert not out.exists()
+
+
+def test_lora_target_removed_by_pruning(tmp_path) -> None:  # noqa: ANN001
+    from peft import LoraConfig
+
+    # every SSM of a Mamba-1 model removed: x_proj / dt_proj exist nowhere any more
+    model = pruned_tiny("mamba", [Unit("ssm", i) for i in range(4)])
+    out = tmp_path / "out"
+    lora = LoraConfig(r=4, target_modules=["in_proj", "x_proj"], task_type="CAUSAL_LM")
+    with pytest.raises(RecoveryError, match="x_proj") as err:
+        recover(model, word_tokenizer(), "bundled", str(out), training_args=args_for(str(out), 2), lora=lora)
+    assert "in_proj" in str(err.value) and "out_proj" in str(err.value)  # lists what is available
+    assert not out.exists()
+
+
+def test_refuses_to_overwrite_a_model(trained, tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(RecoveryError, match="already holds a saved model"):
+        recover(pruned_tiny(), word_tokenizer(), "bundled", trained["out"],
+                training_args=args_for(str(tmp_path), 2))
+
+
+def test_cli_recover(tmp_path) -> None:  # noqa: ANN001
+    from hf_shedder.cli import main
+
+    src, out = tmp_path / "pruned", tmp_path / "recovered"
+    pruned_tiny().save_pretrained(src)
+    word_tokenizer().save_pretrained(src)
+    rc = main(["recover", str(src), "--data", "bundled", "--out", str(out), "--max-steps", "2", "--batch-size", "4",
+               "--seqlen", str(MAXLEN), "--lora-r", "4", "--lr", "1e-3"])
+    assert rc == 0
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(loaded, PrunedMambaForCausalLM)
+    assert loaded.config.provenance["recovery"]["lora_r"] == 4
+    assert main(["recover", str(src), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")]) == 2
