@@ -67,8 +67,11 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def skeleton_parameters(base_config: Any, plan: Any = None) -> int:
     """Parameter count of the base architecture with ``plan`` applied, built on the meta device."""
+    import copy
+
     from .arch import get_adapter
 
+    base_config = copy.deepcopy(base_config)  # apply_plan rewrites layer counts on the config it is given
     with torch.device("meta"):
         model = base_model_class(base_config)(base_config)
     if plan is not None and len(plan):

@@ -5,7 +5,7 @@ Three causal LMs built from the stock Transformers classes, 16 layers each, GPT-
 tied embeddings, saved in bf16 so each fits the repo (<= 14 MB):
 
   mamba   MambaForCausalLM   hidden 104, state 16
-  mamba2  Mamba2ForCausalLM  hidden 96, 6 heads x 32, state 64
+  mamba2  Mamba2ForCausalLM  hidden 96, 8 heads x 24, state 64
   hybrid  Zamba2ForCausalLM  hidden 96, 12 Mamba-2 layers + 4 hybrid layers that call one shared
           attention+MLP block (LoRA adapters per call, as in Zamba2-1.2B). Zamba2 rather than
           Nemotron-H because Nemotron-H cannot tie its embeddings (untied, the 50k-token vocabulary
@@ -72,14 +72,15 @@ def make_config(arch: str):
     if arch == "mamba":
         return MambaConfig(hidden_size=104, num_hidden_layers=16, state_size=16, expand=2, conv_kernel=4, **common)
     if arch == "mamba2":
-        return Mamba2Config(hidden_size=96, num_hidden_layers=16, num_heads=6, head_dim=32, state_size=64,
+        # 8 heads: causal-conv1d needs the in_proj row (2*inner + 2*state + heads) to be a multiple of 8.
+        return Mamba2Config(hidden_size=96, num_hidden_layers=16, num_heads=8, head_dim=24, state_size=64,
                             n_groups=1, expand=2, conv_kernel=4, chunk_size=128, **common)
     if arch == "hybrid":
         types = ["mamba"] * 16
         for i in (3, 7, 11, 15):  # a shared-transformer call every 4th layer
             types[i] = "hybrid"
         return Zamba2Config(hidden_size=96, num_hidden_layers=16, layers_block_type=types, num_attention_heads=6,
-                            n_mamba_heads=6, mamba_d_state=64, mamba_ngroups=1, mamba_expand=2,
+                            n_mamba_heads=8, mamba_d_state=64, mamba_ngroups=1, mamba_expand=2,
                             num_mem_blocks=1, use_shared_attention_adapter=True, adapter_rank=8,
                             use_mem_rope=True, chunk_size=128, **common)
     raise SystemExit(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
@@ -438,11 +439,11 @@ useful language model.
 | data | {corpus_tokens:,d} training tokens of real English text: King James Bible (public domain, Debian `bible-kjv-text`), tinyshakespeare (public domain), Python 3.11 docs sources (PSF-2.0, Debian `python3.11-doc`), Linux 6.1 Documentation (GPL-2.0, Debian `linux-doc-6.1`), Perl 5.36 pod pages (Artistic/GPL, Debian `perl-doc`); held-out documents are never trained on |
 | training | {steps:,d} steps x {batch_size} x {seq_len} tokens = {tokens_seen:,d} tokens seen ({epochs} epochs), AdamW lr {lr} (10% warm-up, cosine to 10%), wd 0.1, {precision}, `transformers.Trainer`, {train_seconds} s |
 | validation perplexity | **{val_ppl_checkpoint_fp32}** on `hf_shedder/assets/reference/validation.txt` ({val_tokens:,d} tokens, windows of {seq_len}; these bf16 weights computed in fp32); same config at random init: {val_ppl_random_init} |
-| final train loss | {final_train_loss} |
+| train loss | {last_loss} at the last logged step (mean over the run: {final_train_loss}) |
 | device | {device}, fast kernels: {fast_kernels} (torch {torch}, transformers {transformers}) |
 | date | {date} |
-
-Command: `{command}`
+{cpu_line}
+Command (on the device, after `bash benchmarks/gpu_setup.sh`): `{command}`
 
 Load offline: `AutoModelForCausalLM.from_pretrained("hf_shedder/assets/reference/{arch}")`.
 """
@@ -465,8 +466,35 @@ def write_card(out_dir: str, info: dict, config) -> None:
     else:
         arch_line = (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, inner "
                      f"{config.intermediate_size}, state {config.state_size}")
+    last_loss = round(info["loss_curve"][-1]["loss"], 3) if info.get("loss_curve") else "n/a"
+    cpu_line = ""
+    if "val_ppl_cpu_fp32" in info:
+        cpu_line = (f"\nChecked offline on CPU (pure PyTorch, fp32, `recipes/pretrain_reference.py card`): validation "
+                    f"perplexity {info['val_ppl_cpu_fp32']} (torch {info['cpu_torch']}).\n")
     with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(CARD.format(cls=info["class"], arch_line=arch_line, params=params, emb=emb, **info))
+        f.write(CARD.format(cls=info["class"], arch_line=arch_line, params=params, emb=emb, last_loss=last_loss,
+                            cpu_line=cpu_line, **info))
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    """Recompute a saved model's validation perplexity on this machine (fp32) and re-render its card."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(args.tokenizer)
+    for path in args.model:
+        with open(os.path.join(path, "training_metrics.json")) as f:
+            info = json.load(f)
+        with open(args.validation, encoding="utf-8") as f:
+            ids = torch.tensor(tok(f.read())["input_ids"], dtype=torch.long)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        ppl = perplexity(model, ids, info["seq_len"], args.eval_batch_size)
+        info["val_ppl_cpu_fp32"] = round(ppl, 3)
+        info["cpu_torch"] = torch.__version__
+        with open(os.path.join(path, "training_metrics.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        write_card(path, info, model.config)
+        print(f"{path}: validation perplexity {ppl:.3f} here vs {info['val_ppl_checkpoint_fp32']} on {info['device']}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -577,6 +605,13 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--limit-eval-tokens", type=int)
     e.add_argument("--tokenizer")
     e.set_defaults(func=cmd_eval)
+
+    k = sub.add_parser("card", help="recompute validation perplexity here (fp32) and re-render the cards")
+    k.add_argument("--model", nargs="+", default=[os.path.join(REFERENCE_DIR, a) for a in ARCHS])
+    k.add_argument("--validation", default=VALIDATION_FILE)
+    k.add_argument("--eval-batch-size", type=int, default=8)
+    k.add_argument("--tokenizer")
+    k.set_defaults(func=cmd_card)
 
     args = p.parse_args(argv)
     if args.command == "train" and not (args.time_budget or args.max_steps or args.deadline):

@@ -15,7 +15,6 @@ import torch  # noqa: E402
 
 from tests.tiny_models import build_tiny  # noqa: E402
 
-
 # Tiny models are dominated by per-op overhead; one thread avoids oversubscribing small CI machines.
 torch.set_num_threads(1)
 

@@ -16,7 +16,7 @@ import hf_shedder
 ASSETS = os.path.join(os.path.dirname(hf_shedder.__file__), "assets")
 REFERENCE = os.path.join(ASSETS, "reference")
 TOKENIZER = os.path.join(ASSETS, "tokenizer", "gpt-neox-20b", "tokenizer.json")
-WINDOW, WINDOWS = 256, 4  # a slice of the validation text keeps the pure-PyTorch path to a few seconds
+WINDOW, WINDOWS = 256, 2  # a slice of the validation text keeps the pure-PyTorch path to a few seconds
 # Trained tiny models reach a few hundred at most; random init sits near the vocabulary size (~5e4).
 RATIO = 10.0
 

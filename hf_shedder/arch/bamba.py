@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 
 from .hybrid_stack import ATTENTION, MAMBA, HybridStackAdapter, SkippedTupleLayer
+from .layerwise_inputs import layer_type_masks, position_ids_for
 
 
 class BambaAdapter(HybridStackAdapter):
@@ -55,11 +55,8 @@ class BambaAdapter(HybridStackAdapter):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         hidden = self.inner.embed_tokens(input_ids)
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        kwargs = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
-                  "past_key_values": None, "position_ids": position_ids}
-        masks = {"full_attention": create_causal_mask(**kwargs),
-                 "linear_attention": create_recurrent_attention_mask(**kwargs)}
+        position_ids = position_ids_for(hidden)
+        masks = layer_type_masks(self.config, hidden, attention_mask, position_ids)
         rope = self.inner.rotary_emb(hidden, position_ids=position_ids)
         return hidden, {"masks": masks, "position_ids": position_ids, "rope": rope}
 

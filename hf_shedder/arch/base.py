@@ -225,6 +225,11 @@ class ArchAdapter(ABC):
             if previous is not None:
                 self.set_mask(previous)
 
+    def mask_unit(self, unit: Unit) -> Undo:
+        """Mask one more unit on top of the current mask (the caller must have validated the extension);
+        returns the closure that undoes it. Lets the search try candidates without re-masking the plan."""
+        return self._mask_unit(unit)
+
     def _mask_unit(self, unit: Unit) -> Undo:
         if unit.kind == "block":
             layers, i = self.layers(), unit.layer

@@ -19,20 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 
 from ..errors import PlanError
 from ..units import Plan, Unit
-from .base import Undo
-from .jamba import (
-    HybridAdapterMixin,
-    SkippedAttentionLayer,
-    edit_attention_heads,
-    edit_mlp_channels,
-    keep_kv_length,
-    swap_attr,
-)
-from .mamba2_heads import Mamba2MixerEditor, Mamba2UnitsMixin, check_ssm_heads, mixer_heads
+from .hybrid_parts import Mamba2HybridAdapter, keep_kv_length
+from .layerwise_inputs import layer_type_masks, position_ids_for
+from .mamba2_heads import Mamba2MixerEditor, check_ssm_heads, mixer_heads
 from .ssm_free import SSMFreeMixer
 from .width import (
     head_channels,
@@ -157,104 +149,31 @@ class FalconH1MixerEditor(Mamba2MixerEditor):
         setattr(parent, name, self.build(original, gone, no_ssm, share=False))
 
 
-class FalconH1Adapter(Mamba2UnitsMixin, HybridAdapterMixin):
+class FalconH1Adapter(Mamba2HybridAdapter):
     family = "falcon_h1"
     model_types = ("falcon_h1",)
     unit_kinds = ("block", "attn", "ssm", "ssm_heads", "attn_heads", "mlp_channels")
     width_kinds = frozenset({"ssm_heads", "attn_heads", "mlp_channels"})
-
-    @property
-    def decoder(self) -> nn.Module:
-        return self.model.model
-
-    def layers(self) -> nn.ModuleList:
-        return self.decoder.layers
-
-    def _mixer_location(self, layer: int) -> tuple[nn.Module, str]:
-        return self.layers()[layer], "mamba"
-
-    @property
-    def mamba2_editor(self) -> Mamba2MixerEditor:
-        editor = self.__dict__.get("_mamba2_editor")
-        if editor is None:
-            editor = self.__dict__["_mamba2_editor"] = FalconH1MixerEditor(self._mixer_location)
-        return editor
+    mixer_editor_class = FalconH1MixerEditor
+    layer_returns_tuple = True
 
     # ---------------------------------------------------------------- structure
-    def width_size(self, kind: str, layer: int) -> int:
-        if kind == "ssm_heads":
-            return self._ssm_heads_size(layer)
-        if kind == "attn_heads":
-            return self.num_heads()
-        if kind == "mlp_channels":
-            return self.config.intermediate_size
-        return super().width_size(kind, layer)
-
-    def width_group(self, kind: str) -> int:
-        if kind == "ssm_heads":
-            return Mamba2UnitsMixin.width_group(self, kind)
-        return HybridAdapterMixin.width_group(self, kind)
-
-    def width_candidates(self, kind: str, layer: int) -> list[tuple[int, ...]]:
-        if kind == "ssm_heads":
-            return self._ssm_heads_candidates(layer)
-        return super().width_candidates(kind, layer)
+    def is_attention(self, layer: int) -> bool:
+        return True  # every Falcon-H1 layer holds attention (next to its Mamba-2 mixer)
 
     def whole_kind_for(self, width_kind: str) -> str:
         return "attn" if width_kind == "attn_heads" else "block"
-
-    def _check_width(self, unit: Unit, already_removed: set[int]) -> None:
-        if unit.kind == "ssm_heads":
-            self._check_ssm_heads(unit.layer, set(already_removed) | set(unit.indices))
-        else:
-            super()._check_width(unit, already_removed)
 
     def _check_unit(self, unit: Unit, state: dict[str, Any]) -> None:
         super()._check_unit(unit, state)
         if unit.kind == "attn_heads" and ("attn", unit.layer) in state["parts"]:
             raise PlanError(f"the attention of layer {unit.layer} was already removed (unit 'attn')")
 
-    # ---------------------------------------------------------------- masking
-    def _mask_unit(self, unit: Unit) -> Undo:
-        if unit.kind == "block":  # Falcon-H1 layers return a tuple and every layer holds attention
-            layers, i = self.layers(), unit.layer
-            original = layers[i]
-            layers[i] = SkippedAttentionLayer(i, returns_tuple=True)
-
-            def undo() -> None:
-                layers[i] = original
-
-            return undo
-        return super()._mask_unit(unit)
-
-    def _mask_part(self, unit: Unit) -> Undo:
-        layer = self.layers()[unit.layer]
-        if unit.kind in ("ssm", "ssm_heads"):
-            return self._mask_mixer_unit(unit.kind, unit.layer, unit.indices)
+    # ---------------------------------------------------------------- masking / physical removal
+    def _edit(self, unit: Unit, *, share: bool) -> tuple[nn.Module, str, nn.Module]:
         if unit.kind == "attn":
-            return swap_attr(layer, "self_attn", AttentionRemoved(unit.layer))
-        if unit.kind == "attn_heads":
-            return swap_attr(layer, "self_attn",
-                             edit_attention_heads(layer.self_attn, unit.indices, self.num_heads(), share=True))
-        if unit.kind == "mlp_channels":
-            return swap_attr(layer, "feed_forward", edit_mlp_channels(
-                layer.feed_forward, unit.indices, self.config.intermediate_size, share=True))
-        raise AssertionError(unit)
-
-    # ---------------------------------------------------------------- physical removal
-    def _remove_part(self, unit: Unit) -> None:
-        layer = self.layers()[unit.layer]
-        if unit.kind in ("ssm", "ssm_heads"):
-            self._remove_mixer_unit(unit.kind, unit.layer, unit.indices)
-        elif unit.kind == "attn":
-            layer.self_attn = AttentionRemoved(unit.layer)
-        elif unit.kind == "attn_heads":
-            layer.self_attn = edit_attention_heads(layer.self_attn, unit.indices, self.num_heads(), share=False)
-        elif unit.kind == "mlp_channels":
-            layer.feed_forward = edit_mlp_channels(layer.feed_forward, unit.indices, self.config.intermediate_size,
-                                                   share=False)
-        else:
-            raise AssertionError(unit)
+            return self.layers()[unit.layer], "self_attn", AttentionRemoved(unit.layer)
+        return super()._edit(unit, share=share)
 
     def apply_plan(self, plan: Plan) -> nn.Module:
         model = super().apply_plan(plan)
@@ -265,33 +184,22 @@ class FalconH1Adapter(Mamba2UnitsMixin, HybridAdapterMixin):
             layer.mamba._non_persistent_buffers_set.discard("mup_vector")
         return model
 
-    def _renumber(self, layer: nn.Module, new_idx: int) -> None:
-        layer.mamba.layer_idx = new_idx
-        layer.self_attn.layer_idx = new_idx
-
-    def _set_layers(self, layers: nn.ModuleList) -> None:
-        self.decoder.layers = layers
-
     def _update_config_after_block_removal(self, kept: list[int]) -> None:
         # Every Falcon-H1 layer has the same structure, so fewer layers is all the config has to say.
         self.config.num_hidden_layers = len(kept)
 
-    def block_only_export_supported(self, plan: Plan) -> bool:
-        return plan.kinds() <= {"block"}
-
     # ---------------------------------------------------------------- layer-wise forward
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         hidden = self.decoder.embed_tokens(input_ids) * self.decoder.embedding_multiplier
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        kw = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
-              "past_key_values": None, "position_ids": position_ids}
-        masks = (create_causal_mask(**kw), create_recurrent_attention_mask(**kw))
+        position_ids = position_ids_for(hidden)
+        masks = layer_type_masks(self.config, hidden, attention_mask, position_ids)
         position_embeddings = self.decoder.rotary_emb(hidden, position_ids=position_ids)
         return hidden, (masks, position_ids, position_embeddings)
 
     def run_layer(self, index: int, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
-        (attn_mask, mamba_mask), position_ids, position_embeddings = ctx
-        out = self.layers()[index](hidden, attention_mask=attn_mask, mamba_attention_mask=mamba_mask,
+        masks, position_ids, position_embeddings = ctx
+        out = self.layers()[index](hidden, attention_mask=masks["full_attention"],
+                                   mamba_attention_mask=masks["linear_attention"],
                                    position_ids=position_ids, past_key_values=None,
                                    position_embeddings=position_embeddings)
         return out[0]
@@ -299,9 +207,6 @@ class FalconH1Adapter(Mamba2UnitsMixin, HybridAdapterMixin):
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         # The model multiplies its logits by lm_head_multiplier; lm_head has no bias, so it is folded in here.
         return self.decoder.final_layernorm(hidden) * self.decoder.lm_head_multiplier
-
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
 
     def lora_target_modules(self) -> list[str]:
         return ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "gate_proj", "up_proj", "down_proj"]

@@ -18,31 +18,10 @@ from torch import nn
 from ..units import Unit
 from .base import ArchAdapter, SkippedLayer, Undo
 from .mamba2_heads import Mamba2UnitsMixin
-from .width import check_attention_heads, kept_positions, prune_attention_heads, prune_mlp_channels
+from .stacked_masks import StackedMasks
+from .width import check_attention_heads, edit_attention_heads, edit_mlp_channels
 
 MAMBA, ATTENTION, MLP, MOE = "mamba", "attention", "mlp", "moe"
-
-
-def prune_attention(attn: nn.Module, removed: set[int], *, share: bool) -> nn.Module:
-    """Llama-style attention without query heads ``removed`` (original indices; works on pruned ones too)."""
-    hd = attn.head_dim
-    heads, kv_heads = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
-    held = getattr(attn, "shedder_heads", tuple(range(heads)))
-    kept = kept_positions(held, removed)
-    new = prune_attention_heads(attn, kept, heads, kv_heads, share=share)
-    new.shedder_heads = tuple(held[k] for k in kept)
-    return new
-
-
-def prune_mlp(mlp: nn.Module, removed: set[int], *, share: bool, in_names: Sequence[str],
-              out_name: str = "down_proj") -> nn.Module:
-    """MLP without hidden channels ``removed`` (original indices; works on pruned ones too)."""
-    size = getattr(mlp, out_name).in_features
-    held = getattr(mlp, "shedder_channels", tuple(range(size)))
-    kept = kept_positions(held, removed)
-    new = prune_mlp_channels(mlp, kept, share=share, in_names=in_names, out_name=out_name)
-    new.shedder_channels = tuple(held[k] for k in kept)
-    return new
 
 
 class WidthEditor:
@@ -51,28 +30,13 @@ class WidthEditor:
     def __init__(self, locate: Callable[[int], tuple[nn.Module, str]],
                  prune: Callable[[nn.Module, set[int], bool], nn.Module]) -> None:
         self.locate, self.prune = locate, prune
-        self._state: dict[int, frozenset[int]] = {}
-        self._original: dict[int, nn.Module] = {}
+        self._masks = StackedMasks()
 
     def mask(self, layer: int, indices: Sequence[int]) -> Undo:
-        parent, name = self.locate(layer)
-        before = getattr(parent, name)
-        previous = self._state.get(layer)
-        if previous is None:
-            self._original[layer] = before
-        removed = (previous or frozenset()) | frozenset(indices)
-        setattr(parent, name, self.prune(self._original[layer], set(removed), True))
-        self._state[layer] = removed
-
-        def undo() -> None:
-            setattr(parent, name, before)
-            if previous is None:
-                self._state.pop(layer, None)
-                self._original.pop(layer, None)
-            else:
-                self._state[layer] = previous
-
-        return undo
+        return self._masks.mask(
+            layer, [self.locate(layer)], lambda removed: (removed or frozenset()) | frozenset(indices),
+            lambda original, removed: self.prune(original, set(removed), True),
+        )
 
     def remove(self, layer: int, indices: Sequence[int]) -> None:
         parent, name = self.locate(layer)
@@ -86,18 +50,60 @@ class SkippedTupleLayer(SkippedLayer):
         return hidden_states, None
 
 
-class HybridStackAdapter(Mamba2UnitsMixin, ArchAdapter):
-    unit_kinds: ClassVar[tuple[str, ...]] = ("block", "ssm", "ssm_heads", "attn_heads", "mlp_channels")
-    width_kinds = frozenset({"ssm_heads", "attn_heads", "mlp_channels"})
-    mlp_in_names: ClassVar[tuple[str, ...]]
+class WidthUnitsMixin(Mamba2UnitsMixin):
+    """``ssm_heads`` / ``attn_heads`` / ``mlp_channels`` sizes, search candidates and checks for adapters whose
+    candidate sizes come from ``width_groups`` (Mamba-2 heads per B/C group, KV groups, MLP channels).
+
+    The adapter says how wide a layer's MLP is (``_mlp_size``).
+    """
+
     # MLP channels per search candidate when width_groups does not say: 1/8 of the width.
     mlp_candidates_per_layer: ClassVar[int] = 8
 
+    def _mlp_size(self, layer: int) -> int:
+        raise NotImplementedError
+
+    def width_size(self, kind: str, layer: int) -> int:
+        if kind == "ssm_heads":
+            return self._ssm_heads_size(layer)
+        if kind == "attn_heads":
+            return self.config.num_attention_heads
+        if kind == "mlp_channels":
+            return self._mlp_size(layer)
+        return super().width_size(kind, layer)
+
+    def width_group(self, kind: str) -> int:
+        if kind == "mlp_channels" and kind not in self.width_groups:
+            return max(1, -(-self.config.intermediate_size // self.mlp_candidates_per_layer))
+        return super().width_group(kind)
+
+    def width_candidates(self, kind: str, layer: int) -> list[tuple[int, ...]]:
+        if kind == "ssm_heads":
+            return self._ssm_heads_candidates(layer)
+        if kind == "attn_heads":  # whole KV groups keep grouped-query attention valid (single heads for MHA)
+            rep = self.config.num_attention_heads // self.config.num_key_value_heads
+            n, groups = self.width_group(kind), self.config.num_key_value_heads
+            return [tuple(range(g * rep, min(g + n, groups) * rep)) for g in range(0, groups, n)]
+        return super().width_candidates(kind, layer)
+
+    def _check_width(self, unit: Unit, already_removed: set[int]) -> None:
+        removed = already_removed | set(unit.indices)
+        if unit.kind == "ssm_heads":
+            self._check_ssm_heads(unit.layer, removed)
+        elif unit.kind == "attn_heads":
+            check_attention_heads(removed, self.config.num_attention_heads, self.config.num_key_value_heads)
+
+
+class HybridStackAdapter(WidthUnitsMixin, ArchAdapter):
+    unit_kinds: ClassVar[tuple[str, ...]] = ("block", "ssm", "ssm_heads", "attn_heads", "mlp_channels")
+    width_kinds = frozenset({"ssm_heads", "attn_heads", "mlp_channels"})
+    mlp_in_names: ClassVar[tuple[str, ...]]
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.attn_editor = WidthEditor(self._attn_location, lambda m, r, s: prune_attention(m, r, share=s))
+        self.attn_editor = WidthEditor(self._attn_location, lambda m, r, s: edit_attention_heads(m, r, share=s))
         self.mlp_editor = WidthEditor(
-            self._mlp_location, lambda m, r, s: prune_mlp(m, r, share=s, in_names=self.mlp_in_names)
+            self._mlp_location, lambda m, r, s: edit_mlp_channels(m, r, share=s, in_names=self.mlp_in_names)
         )
 
     # ---------------------------------------------------------------- family hooks
@@ -136,36 +142,6 @@ class HybridStackAdapter(Mamba2UnitsMixin, ArchAdapter):
     def _mlp_size(self, layer: int) -> int:
         parent, name = self._mlp_location(layer)
         return getattr(parent, name).intermediate_size
-
-    def width_size(self, kind: str, layer: int) -> int:
-        if kind == "ssm_heads":
-            return self._ssm_heads_size(layer)
-        if kind == "attn_heads":
-            return self.config.num_attention_heads
-        if kind == "mlp_channels":
-            return self._mlp_size(layer)
-        return super().width_size(kind, layer)
-
-    def width_group(self, kind: str) -> int:
-        if kind == "mlp_channels" and kind not in self.width_groups:
-            return max(1, -(-self.config.intermediate_size // self.mlp_candidates_per_layer))
-        return super().width_group(kind)
-
-    def width_candidates(self, kind: str, layer: int) -> list[tuple[int, ...]]:
-        if kind == "ssm_heads":
-            return self._ssm_heads_candidates(layer)
-        if kind == "attn_heads":  # whole KV groups keep grouped-query attention valid
-            rep = self.config.num_attention_heads // self.config.num_key_value_heads
-            n, groups = self.width_group(kind), self.config.num_key_value_heads
-            return [tuple(range(g * rep, min(g + n, groups) * rep)) for g in range(0, groups, n)]
-        return super().width_candidates(kind, layer)
-
-    def _check_width(self, unit: Unit, already_removed: set[int]) -> None:
-        removed = already_removed | set(unit.indices)
-        if unit.kind == "ssm_heads":
-            self._check_ssm_heads(unit.layer, removed)
-        elif unit.kind == "attn_heads":
-            check_attention_heads(removed, self.config.num_attention_heads, self.config.num_key_value_heads)
 
     # ---------------------------------------------------------------- masking / removal
     def _mask_unit(self, unit: Unit) -> Undo:

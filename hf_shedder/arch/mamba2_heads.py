@@ -35,11 +35,13 @@ from ``_remove_part``; ``ssm_head_candidates`` gives the search candidates. The 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 from torch import nn
 
 from ..errors import PlanError
 from .ssm_free import SSMFreeMixer
+from .stacked_masks import StackedMasks
 from .width import (
     head_channels,
     kept_positions,
@@ -136,13 +138,13 @@ class Mamba2MixerEditor:
 
     def __init__(self, locate: Callable[[int], tuple[nn.Module, str]]) -> None:
         self.locate = locate
-        self._state: dict[int, tuple[frozenset[int], bool]] = {}
-        self._original: dict[int, nn.Module] = {}
+        self._masks = StackedMasks()
 
     def original(self, layer: int) -> nn.Module:
         """The layer's mixer as it is without masks."""
-        if layer in self._original:
-            return self._original[layer]
+        held = self._masks.originals(layer)
+        if held is not None:
+            return held[0]
         parent, name = self.locate(layer)
         return getattr(parent, name)
 
@@ -162,27 +164,12 @@ class Mamba2MixerEditor:
         return mixer
 
     def mask(self, layer: int, heads: Sequence[int] = (), ssm: bool = False) -> Undo:
-        parent, name = self.locate(layer)
-        previous_module = getattr(parent, name)
-        previous = self._state.get(layer)
-        if previous is None:
-            self._original[layer] = previous_module
-            previous_state: tuple[frozenset[int], bool] = (frozenset(), False)
-        else:
-            previous_state = previous
-        state = (previous_state[0] | frozenset(heads), previous_state[1] or ssm)
-        setattr(parent, name, self.build(self._original[layer], state[0], state[1], share=True))
-        self._state[layer] = state
+        def combine(previous: tuple[frozenset[int], bool] | None) -> tuple[frozenset[int], bool]:
+            gone, no_ssm = previous or (frozenset(), False)
+            return gone | frozenset(heads), no_ssm or ssm
 
-        def undo() -> None:
-            setattr(parent, name, previous_module)
-            if previous is None:
-                self._state.pop(layer, None)
-                self._original.pop(layer, None)
-            else:
-                self._state[layer] = previous
-
-        return undo
+        return self._masks.mask(layer, [self.locate(layer)], combine,
+                                lambda original, state: self.build(original, state[0], state[1], share=True))
 
     def remove(self, layer: int, heads: Sequence[int] = (), ssm: bool = False) -> None:
         """Physical removal on the current (possibly already pruned) mixer; heads are original indices."""
@@ -206,6 +193,7 @@ class Mamba2UnitsMixin:
     """
 
     width_groups: dict[str, int] = {}  # noqa: RUF012  (read-only default; set a new dict per adapter)
+    mixer_editor_class: ClassVar[type[Mamba2MixerEditor]] = Mamba2MixerEditor
 
     def _mixer_location(self, layer: int) -> tuple[nn.Module, str]:
         raise NotImplementedError
@@ -214,7 +202,7 @@ class Mamba2UnitsMixin:
     def mamba2_editor(self) -> Mamba2MixerEditor:
         editor = self.__dict__.get("_mamba2_editor")
         if editor is None:
-            editor = self.__dict__["_mamba2_editor"] = Mamba2MixerEditor(self._mixer_location)
+            editor = self.__dict__["_mamba2_editor"] = self.mixer_editor_class(self._mixer_location)
         return editor
 
     def width_group(self, kind: str) -> int:

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 
 from .base import SkippedLayer
 from .hybrid_stack import ATTENTION, MAMBA, MLP, MOE, HybridStackAdapter
+from .layerwise_inputs import layer_type_masks, position_ids_for
 
 _TYPES = {"linear_attention": MAMBA, "full_attention": ATTENTION, "mlp": MLP, "moe": MOE}
 
@@ -55,11 +55,8 @@ class NemotronHAdapter(HybridStackAdapter):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         hidden = self.inner.embeddings(input_ids)
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        kwargs = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
-                  "past_key_values": None, "position_ids": position_ids}
-        masks = {"full_attention": create_causal_mask(**kwargs),
-                 "linear_attention": create_recurrent_attention_mask(**kwargs)}
+        position_ids = position_ids_for(hidden)
+        masks = layer_type_masks(self.config, hidden, attention_mask, position_ids)
         return hidden, {"masks": masks, "position_ids": position_ids}
 
     def run_layer(self, index: int, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:

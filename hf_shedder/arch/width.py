@@ -147,12 +147,10 @@ def prune_attention_heads(
     num_kv_heads: int,
     *,
     share: bool,
-    extra_q: Sequence[nn.Module] = (),
 ) -> nn.Module:
     """Clone of a Llama-style attention (q/k/v/o_proj, ``head_dim``) keeping query heads ``kept``.
 
-    KV heads whose whole query group is removed go too. ``extra_q`` are optional per-head output
-    projections (Zamba2 adapters) handled by the caller. Returns the clone; ``num_key_value_groups`` is
+    KV heads whose whole query group is removed go too. Returns the clone; ``num_key_value_groups`` is
     updated so eager and SDPA attention repeat the right number of times.
     """
     kept = sorted(kept)
@@ -174,6 +172,26 @@ def prune_attention_heads(
     return new
 
 
+def held_heads(attn: nn.Module) -> tuple[int, ...]:
+    """Original indices of the query heads a (possibly pruned) attention module still holds."""
+    held = getattr(attn, "shedder_heads", None)
+    return tuple(held) if held is not None else tuple(range(attn.q_proj.out_features // attn.head_dim))
+
+
+def edit_attention_heads(attn: nn.Module, removed: Sequence[int], *, share: bool) -> nn.Module:
+    """Clone of a Llama-style attention without the query heads ``removed`` (original numbering).
+
+    Works on an already pruned (or masked) module too: it remembers the original heads it holds in
+    ``shedder_heads``. KV heads left without queries go as well.
+    """
+    hd = attn.head_dim
+    held = held_heads(attn)
+    kept = kept_positions(held, removed)
+    new = prune_attention_heads(attn, kept, len(held), attn.k_proj.out_features // hd, share=share)
+    new.shedder_heads = tuple(held[k] for k in kept)
+    return new
+
+
 # ---------------------------------------------------------------------------- MLP channels
 def prune_mlp_channels(
     mlp: nn.Module, kept: Sequence[int], *, share: bool, in_names: Sequence[str], out_name: str = "down_proj"
@@ -185,6 +203,17 @@ def prune_mlp_channels(
     setattr(new, out_name, select_linear(getattr(mlp, out_name), cols=kept, share=share))
     if isinstance(getattr(mlp, "intermediate_size", None), int):
         new.intermediate_size = len(kept)
+    return new
+
+
+def edit_mlp_channels(mlp: nn.Module, removed: Sequence[int], *, share: bool,
+                      in_names: Sequence[str] = ("gate_proj", "up_proj"), out_name: str = "down_proj") -> nn.Module:
+    """Clone of an MLP without the hidden channels ``removed`` (original numbering; works on pruned ones too)."""
+    held = getattr(mlp, "shedder_channels", None)
+    held = tuple(held) if held is not None else tuple(range(getattr(mlp, out_name).in_features))
+    kept = kept_positions(held, removed)
+    new = prune_mlp_channels(mlp, kept, share=share, in_names=in_names, out_name=out_name)
+    new.shedder_channels = tuple(held[k] for k in kept)
     return new
 
 

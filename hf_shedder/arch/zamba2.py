@@ -24,23 +24,24 @@ map onto a stock Zamba2 config when every kept use keeps its shared block (use `
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 from transformers.models.zamba2.modeling_zamba2 import Zamba2HybridLayer
 
 from ..errors import PlanError
 from ..units import Plan, Unit
 from .base import ArchAdapter, Undo
-from .mamba2_heads import Mamba2UnitsMixin
+from .hybrid_stack import WidthUnitsMixin
+from .layerwise_inputs import layer_type_masks, position_ids_for
+from .stacked_masks import StackedMasks
 from .width import (
     attention_head_plan,
-    check_attention_heads,
+    edit_attention_heads,
     head_channels,
+    held_heads,
     kept_positions,
-    prune_attention_heads,
     select_linear,
     shallow_clone,
 )
@@ -61,19 +62,16 @@ def _select_adapters(adapters: nn.ModuleList, rows: Sequence[int], share: bool) 
 
 def prune_zamba2_attention(attn: nn.Module, removed: set[int], *, share: bool) -> nn.Module:
     """Shared Zamba2 attention without the query heads ``removed`` (original indices), adapters included."""
-    hd = attn.head_dim
-    heads = attn.q_proj.out_features // hd
-    kv_heads = attn.k_proj.out_features // hd
-    held = getattr(attn, "shedder_heads", tuple(range(heads)))
-    kept = kept_positions(held, removed)
-    new = prune_attention_heads(attn, kept, heads, kv_heads, share=share)
+    new = edit_attention_heads(attn, removed, share=share)
     if hasattr(attn, "linear_q_adapter_list"):
-        kv, _ = attention_head_plan(kept, heads, kv_heads)
+        # The per-use adapters add to the q/k/v projections: they keep the rows of the heads kept.
+        hd = attn.head_dim
+        kept = kept_positions(held_heads(attn), removed)
+        kv, _ = attention_head_plan(kept, attn.q_proj.out_features // hd, attn.k_proj.out_features // hd)
         q_rows, kv_rows = head_channels(kept, hd), head_channels(kv, hd)
         new.linear_q_adapter_list = _select_adapters(attn.linear_q_adapter_list, q_rows, share)
         new.linear_k_adapter_list = _select_adapters(attn.linear_k_adapter_list, kv_rows, share)
         new.linear_v_adapter_list = _select_adapters(attn.linear_v_adapter_list, kv_rows, share)
-    new.shedder_heads = tuple(held[k] for k in kept)
     return new
 
 
@@ -92,20 +90,17 @@ def prune_zamba2_mlp(mlp: nn.Module, removed: set[int], *, share: bool) -> nn.Mo
     return new
 
 
-class Zamba2Adapter(Mamba2UnitsMixin, ArchAdapter):
+class Zamba2Adapter(WidthUnitsMixin, ArchAdapter):
     family = "zamba2"
     model_types = ("zamba2",)
     unit_kinds = ("block", "ssm", "ssm_heads", "hybrid", "attn_heads", "mlp_channels")
     width_kinds = frozenset({"ssm_heads", "attn_heads", "mlp_channels"})
     shared_kinds = frozenset({"attn_heads", "mlp_channels"})
-    # MLP channels per search candidate when width_groups does not say: 1/8 of the width.
-    mlp_candidates_per_layer: ClassVar[int] = 8
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self._derive_structure()
-        self._shared_state: dict[tuple[str, int], frozenset[int]] = {}
-        self._shared_originals: dict[tuple[str, int], list[tuple[nn.Module, nn.Module]]] = {}
+        self._shared_masks = StackedMasks()  # keyed by (kind, anchor layer)
 
     def _derive_structure(self) -> None:
         """Index the layers: Mamba decoder of each layer, hybrid layers, shared blocks and their uses."""
@@ -149,39 +144,11 @@ class Zamba2Adapter(Mamba2UnitsMixin, ArchAdapter):
             return layer in self._blocks
         return True
 
-    def width_size(self, kind: str, layer: int) -> int:
-        if kind == "ssm_heads":
-            return self._ssm_heads_size(layer)
-        if kind == "attn_heads":
-            return self.config.num_attention_heads
-        if kind == "mlp_channels":
-            return self.config.intermediate_size
-        return super().width_size(kind, layer)
-
-    def width_group(self, kind: str) -> int:
-        if kind == "mlp_channels" and kind not in self.width_groups:
-            return max(1, -(-self.config.intermediate_size // self.mlp_candidates_per_layer))
-        return super().width_group(kind)
-
-    def width_candidates(self, kind: str, layer: int) -> list[tuple[int, ...]]:
-        if kind == "ssm_heads":
-            return self._ssm_heads_candidates(layer)
-        if kind == "attn_heads":  # whole KV groups (single heads for multi-head attention)
-            rep = self.config.num_attention_heads // self.config.num_key_value_heads
-            n = self.width_group(kind)
-            groups = self.config.num_key_value_heads
-            return [tuple(range(g * rep, min(g + n, groups) * rep)) for g in range(0, groups, n)]
-        return super().width_candidates(kind, layer)
+    def _mlp_size(self, layer: int) -> int:
+        return self.config.intermediate_size
 
     def whole_kind_for(self, width_kind: str) -> str:
         return "hybrid" if width_kind in self.shared_kinds else "block"
-
-    def _check_width(self, unit: Unit, already_removed: set[int]) -> None:
-        removed = already_removed | set(unit.indices)
-        if unit.kind == "ssm_heads":
-            self._check_ssm_heads(unit.layer, removed)
-        elif unit.kind == "attn_heads":
-            check_attention_heads(removed, self.config.num_attention_heads, self.config.num_key_value_heads)
 
     def _check_unit(self, unit: Unit, state: dict[str, Any]) -> None:
         super()._check_unit(unit, state)
@@ -215,27 +182,13 @@ class Zamba2Adapter(Mamba2UnitsMixin, ArchAdapter):
         return prune_zamba2_mlp(module, removed, share=share)
 
     def _mask_shared(self, unit: Unit) -> Undo:
-        key, attr = (unit.kind, unit.layer), _SHARED_ATTR[unit.kind]
-        uses = [self._hybrid_layers[i].shared_transformer for i in self._blocks[unit.layer]]
-        previous = self._shared_state.get(key)
-        if previous is None:
-            self._shared_originals[key] = [(st, getattr(st, attr)) for st in uses]
-        before = [getattr(st, attr) for st in uses]
-        removed = (previous or frozenset()) | frozenset(unit.indices)
-        for st, original in self._shared_originals[key]:
-            setattr(st, attr, self._prune_shared(unit.kind, original, set(removed), share=True))
-        self._shared_state[key] = removed
-
-        def undo() -> None:
-            for st, module in zip(uses, before):
-                setattr(st, attr, module)
-            if previous is None:
-                self._shared_state.pop(key, None)
-                self._shared_originals.pop(key, None)
-            else:
-                self._shared_state[key] = previous
-
-        return undo
+        # Every use of the block gets its own pruned view of the (tied) shared module.
+        attr = _SHARED_ATTR[unit.kind]
+        slots = [(self._hybrid_layers[i].shared_transformer, attr) for i in self._blocks[unit.layer]]
+        return self._shared_masks.mask(
+            (unit.kind, unit.layer), slots, lambda removed: (removed or frozenset()) | frozenset(unit.indices),
+            lambda original, removed: self._prune_shared(unit.kind, original, set(removed), share=True),
+        )
 
     # ---------------------------------------------------------------- physical removal
     def _remove_part(self, unit: Unit) -> None:
@@ -334,13 +287,12 @@ class Zamba2Adapter(Mamba2UnitsMixin, ArchAdapter):
     # ---------------------------------------------------------------- layer-wise forward
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         hidden = self.inner.embed_tokens(input_ids)
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        kwargs = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
-                  "past_key_values": None, "position_ids": position_ids}
+        position_ids = position_ids_for(hidden)
+        masks = layer_type_masks(self.config, hidden, attention_mask, position_ids)
         ctx = {
             "original": hidden.clone(),
-            "full": create_causal_mask(**kwargs),
-            "linear": create_recurrent_attention_mask(**kwargs),
+            "full": masks["full_attention"],
+            "linear": masks["linear_attention"],
             "position_ids": position_ids,
             "rope": self.inner.rotary_emb(hidden, position_ids=position_ids) if self.config.use_mem_rope else None,
         }

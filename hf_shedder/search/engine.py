@@ -16,7 +16,6 @@ the same journal.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -104,7 +103,7 @@ class _Search:
         if self.ev.n_valid == 0:
             raise DataError("the calibration set has no targets: every sample is padding or shorter than 2 tokens")
         self.nb = self.ev.n_batches
-        self.base_params = skeleton_parameters(copy.deepcopy(model.config))
+        self.base_params = skeleton_parameters(model.config)
         self._removed_cache: dict[tuple, int] = {}
         self.ident = identity(settings, model_identity(model), calibration.fingerprint())
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -163,8 +162,7 @@ class _Search:
 
     # ------------------------------------------------------------------ parameters and scores
     def _params(self, plan: Plan) -> int:
-        # a copy: skeleton_parameters' apply_plan would rewrite the config it is given (layer count)
-        return skeleton_parameters(copy.deepcopy(self.model.config), plan) if len(plan) else self.base_params
+        return skeleton_parameters(self.model.config, plan) if len(plan) else self.base_params
 
     def _removed(self, plan: Plan, unit: Unit) -> int:
         """Parameters ``unit`` removes on top of ``plan`` (only same-layer units interact)."""

@@ -107,7 +107,7 @@ class Evaluator:
     def _plus(self, plan: Plan, unit: Unit | None) -> Iterator[None]:
         """Mask ``plan`` (kept between calls) and ``unit`` on top of it (undone on exit)."""
         self._set_plan(plan)
-        undo = self.adapter._mask_unit(unit) if unit is not None else None
+        undo = self.adapter.mask_unit(unit) if unit is not None else None
         try:
             yield
         finally:
