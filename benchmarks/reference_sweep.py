@@ -24,7 +24,8 @@ same computation as 128, only cheaper in the fallback). Results: ``benchmarks/re
 plots: ``docs/reference_sweep_<model>_<kind>.png``.
 
     python benchmarks/reference_sweep.py sweep --models mamba2 --kinds block ssm --steps 6 --seeds 5
-    python benchmarks/reference_sweep.py recovery --model mamba2 --kind block --levels 2 4 6
+    python benchmarks/reference_sweep.py recovery --model mamba2 --kind block --levels 0 2 4 6
+    python benchmarks/reference_sweep.py report --replot   # markdown tables; redraw the PNGs
 """
 
 from __future__ import annotations
@@ -255,6 +256,7 @@ def plot_sweep(res: dict[str, Any], path: str) -> None:
         ax.fill_between(ks, [s["min"] for s in st], [s["max"] for s in st], color="tab:gray", alpha=0.25,
                         label=f"random: min-max of {len(res['random']['seeds'])} seeds")
         ax.plot(ks, [s["mean"] for s in st], "o--", color="tab:gray", label="random: mean")
+        ax.plot(ks, [s["median"] for s in st], "v:", color="black", label="random: median")
         ax.plot(ks, res["cheap"]["ppl"], "s-", color="tab:blue", label="cheap: local output change")
         ax.plot(ks, res["greedy"]["ppl"], "o-", color="tab:red", label="greedy search")
         allp = [p for p in res["greedy"]["ppl"] + res["cheap"]["ppl"] + [s["max"] for s in st] if math.isfinite(p)]
@@ -375,18 +377,23 @@ def _parse_key(key: str) -> Unit:
 def cmd_report(args: argparse.Namespace) -> int:
     """Markdown tables of every result file (for benchmarks/BENCHMARKS.md)."""
     names = sorted(os.listdir(args.results))
+    if args.replot:
+        for fname in [n for n in names if n.startswith("reference_sweep_") and n.endswith(".json")]:
+            with open(os.path.join(args.results, fname)) as f:
+                r = json.load(f)
+            plot_sweep(r, os.path.join(args.plots, fname.replace(".json", ".png")))
     for fname in [n for n in names if n.startswith("reference_sweep_") and n.endswith(".json")]:
         with open(os.path.join(args.results, fname)) as f:
             r = json.load(f)
         v = r["validation"]
         print(f"\n**{r['model']} ({r['model_type']}), {r['kind']}** ({r['units_of_kind']} units; validation "
               f"{v['windows']} x {v['seqlen']} tokens; greedy search {r['greedy']['search_seconds']:.0f} s):\n")
-        print("| removed | greedy search | unit | cheap criterion | unit | random mean ± std [min, max] |")
-        print("|---|---|---|---|---|---|")
+        print("| removed | greedy search | unit | cheap criterion | unit | random median | random mean ± std [min, max] |")
+        print("|---|---|---|---|---|---|---|")
         for k, st in enumerate(r["random"]["stats"]):
             gu = r["greedy"]["units"][k - 1] if k else "-"
             cu = r["cheap"]["units"][k - 1] if k else "-"
-            print(f"| {k} | {r['greedy']['ppl'][k]:.1f} | {gu} | {r['cheap']['ppl'][k]:.1f} | {cu} | "
+            print(f"| {k} | {r['greedy']['ppl'][k]:.1f} | {gu} | {r['cheap']['ppl'][k]:.1f} | {cu} | {st['median']:.1f} | "
                   f"{st['mean']:.1f} ± {st['std']:.1f} [{st['min']:.1f}, {st['max']:.1f}] |")
     for fname in [n for n in names if n.startswith("reference_recovery_") and n.endswith(".json")]:
         with open(os.path.join(args.results, fname)) as f:
@@ -425,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--cal-samples", type=int, default=8)
     s.add_argument("--cal-seqlen", type=int, default=128)
     s.add_argument("--plots", default=os.path.join(ROOT, "docs"))
+    sub.choices["report"].add_argument("--replot", action="store_true", help="redraw the PNGs from the JSON")
+    sub.choices["report"].add_argument("--plots", default=os.path.join(ROOT, "docs"))
     r = sub.choices["recovery"]
     r.add_argument("--model", default="mamba2", choices=list(DEFAULT_KINDS))
     r.add_argument("--kind", default="block")

@@ -49,6 +49,7 @@ PLANS: dict[str, dict[str, list[Unit]]] = {
         "ssm_heads": [Unit("ssm_heads", 3, (1, 5)), Unit("ssm_heads", 3, (0, 4))],
         "attn_heads": [Unit("attn_heads", 5, (2, 3))],
         "mlp_channels": [Unit("mlp_channels", 1, (0, 5, 7))],
+        "experts": [Unit("experts", 4, (1,))],  # more in tests/test_arch_nemotron_experts.py
         "mixed": [Unit("attn_heads", 2, (0, 1)), Unit("block", 2), Unit("mlp_channels", 6, (2, 3)), Unit("ssm", 0),
                   Unit("ssm_heads", 0, (1, 5)), Unit("attn_heads", 5, (1, 3)), Unit("block", 4)],
     },

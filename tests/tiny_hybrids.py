@@ -67,3 +67,28 @@ def build_tiny_hybrid(family: str, seed: int = 0, **overrides):  # noqa: ANN003,
         raise ValueError(family)
     _perturb(model)
     return model.eval()
+
+
+def build_tiny_nemotron_moe(seed: int = 0, **overrides):  # noqa: ANN003, ANN201
+    """Tiny Nemotron-H whose MoE layers use the grouped router: 8 experts in n_group=2 groups of 4, tokens
+    routed to num_experts_per_tok=2 experts of the topk_group=1 best group, plus a shared expert."""
+    torch.manual_seed(seed)
+    kw = dict(
+        vocab_size=VOCAB, hidden_size=32, layers_block_type=["mamba", "moe", "attention", "moe", "mlp"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
+        mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=8, conv_kernel=4, chunk_size=8,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
+        n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+        max_position_embeddings=64, pad_token_id=0,
+    )
+    kw.update(overrides)
+    model = NemotronHForCausalLM(NemotronHConfig(**kw))
+    _perturb(model)
+    with torch.no_grad():  # init leaves router logits near 0 and the correction bias at 0: make routing vary
+        for name, p in model.named_parameters():
+            if name.endswith(("gate.weight", "experts.up_proj", "experts.down_proj")):
+                p.normal_(0.0, 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.3)
+    return model.eval()

@@ -89,6 +89,15 @@ def remove_experts(experts: nn.Module, removed: Sequence[int], size: int) -> lis
     return kept
 
 
+def check_experts_left(layer: int, left: int, top_k: int) -> None:
+    """Raise PlanError if a MoE layer would keep fewer experts than each token is routed to."""
+    if left < top_k:
+        raise PlanError(
+            f"layer {layer} would keep {left} experts but routes every token to "
+            f"num_experts_per_tok={top_k}; at least {top_k} experts must remain"
+        )
+
+
 # ---------------------------------------------------------------- skipped layers that keep the cache consistent
 def keep_kv_length(past_key_values: Any, layer_idx: int, hidden_states: torch.Tensor) -> None:
     """Record ``seq_len`` placeholder positions in an attention cache layer whose attention is gone.
@@ -197,12 +206,7 @@ class HybridAdapterMixin(ArchAdapter):
             check_attention_heads(set(already_removed) | set(unit.indices), self.num_heads(), self.num_kv_heads())
         elif unit.kind == "experts":
             left = self.width_size("experts", unit.layer) - len(already_removed) - len(unit.indices)
-            top_k = self.config.num_experts_per_tok
-            if left < top_k:
-                raise PlanError(
-                    f"layer {unit.layer} would keep {left} experts but routes every token to "
-                    f"num_experts_per_tok={top_k}; at least {top_k} experts must remain"
-                )
+            check_experts_left(unit.layer, left, self.config.num_experts_per_tok)
 
     def _refuse_export_without_attention(self) -> None:
         raise PlanError(
@@ -283,6 +287,6 @@ class Mamba2HybridAdapter(Mamba2UnitsMixin, HybridAdapterMixin):
 
 
 __all__ = [
-    "ExpertMaskedLogits", "HybridAdapterMixin", "Mamba2HybridAdapter", "SkippedAttentionLayer", "keep_kv_length",
-    "remove_experts", "swap_attr", "swap_item", "with_length_keeper",
+    "ExpertMaskedLogits", "HybridAdapterMixin", "Mamba2HybridAdapter", "SkippedAttentionLayer", "check_experts_left",
+    "keep_kv_length", "remove_experts", "swap_attr", "swap_item", "with_length_keeper",
 ]
