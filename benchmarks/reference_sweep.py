@@ -84,6 +84,23 @@ def validation_windows(tokenizer: Any, windows: int, seqlen: int) -> tuple[Calib
     return CalibrationSet(ids, torch.ones_like(ids), source="reference/validation.txt"), idx
 
 
+def shakespeare_windows(tokenizer: Any, windows: int, seqlen: int) -> tuple[CalibrationSet, list[int]]:
+    """Validation windows inside the held-out Shakespeare part only (the recovery text's domain): from the
+    first speaker heading to the first reST directive of the Python-docs part."""
+    with open(VALIDATION, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.split("\n")
+    first = next(i for i, ln in enumerate(lines) if ln.endswith(":") and ln[:-1].isupper() and ln.strip())
+    last = next(i for i, ln in enumerate(lines) if ln.startswith(".. "))
+    start_tok = len(tokenizer("\n".join(lines[:first]))["input_ids"])
+    end_tok = len(tokenizer("\n".join(lines[:last]))["input_ids"])
+    full = load_eval_text(VALIDATION, tokenizer, seqlen=seqlen)
+    lo, hi = -(-start_tok // seqlen), end_tok // seqlen - 1
+    idx = sorted({lo + round(i * (hi - lo) / max(windows - 1, 1)) for i in range(windows)})
+    ids = full.input_ids[idx].contiguous()
+    return CalibrationSet(ids, torch.ones_like(ids), source="reference/validation.txt (Shakespeare part)"), idx
+
+
 def calibration_set(tokenizer: Any, samples: int, seqlen: int, seed: int) -> CalibrationSet:
     return load_calibration("bundled", tokenizer, n_samples=samples, seqlen=seqlen, seed=seed)
 
@@ -116,6 +133,14 @@ def greedy_order(model: torch.nn.Module, cal: CalibrationSet, kind: str, steps: 
     result = search(model, cal, settings, out_dir=None, progress=True)
     return {"units": list(result.plan), "calibration_ppl": [r["ppl"] for r in result.trajectory],
             "seconds": time.perf_counter() - t0}
+
+
+def max_removable(adapter: Any, kind: str) -> int:
+    """How many units of ``kind`` can go in turn (width kinds never empty a layer)."""
+    plan = adapter.empty_plan()
+    while cands := adapter.candidates(plan, [kind]):
+        plan = plan.extended(cands[0])
+    return len(plan)
 
 
 def random_order(adapter: Any, kind: str, steps: int, seed: int) -> list[Unit]:
@@ -190,7 +215,7 @@ def sweep_one(name: str, kind: str, args: argparse.Namespace, tok: Any) -> dict[
     cal = calibration_set(tok, args.cal_samples, args.cal_seqlen, args.seed)
     val, val_idx = validation_windows(tok, args.val_windows, args.val_seqlen)
     n_units = len(adapter.all_units([kind]))
-    steps = min(args.steps, len(adapter.candidates(adapter.empty_plan(), [kind])) - (1 if kind == "block" else 0))
+    steps = min(args.steps, max_removable(adapter, kind) - (1 if kind == "block" else 0))
     ev = PlanEvaluator(model, val)
     empty = adapter.empty_plan()
     base_ppl = ev.ppl(empty)
@@ -317,6 +342,7 @@ def cmd_recovery(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     tok = load_tokenizer()
     val, val_idx = validation_windows(tok, args.val_windows, args.val_seqlen)
+    shk, shk_idx = shakespeare_windows(tok, args.val_windows, args.val_seqlen)
     sweep_file = os.path.join(args.results, f"reference_sweep_{args.model}_{args.kind}.json")
     with open(sweep_file) as f:
         sweep = json.load(f)
@@ -325,17 +351,17 @@ def cmd_recovery(args: argparse.Namespace) -> int:
     greedy_units = [Unit.from_dict(u) if isinstance(u, dict) else _parse_key(u) for u in sweep["greedy"]["units"]]
     rows = text_rows(os.path.join(os.path.dirname(hf_shedder.__file__), "assets", "text", "calibration.txt"),
                      args.row_chars)
-    out_path = os.path.join(args.results, f"reference_recovery_{args.model}_{args.kind}.json")
+    out_path = os.path.join(args.results, f"reference_recovery_{args.model}_{args.kind}{args.suffix}.json")
     levels_out = []
     for level in args.levels:
         t0 = time.perf_counter()
         model = load_reference(args.model, args.chunk_size)
         adapter = get_adapter(model)
         plan = adapter.empty_plan().extended(*greedy_units[:level])
-        before = evaluate_perplexity(model, val, 8, progress=False).ppl if level == 0 else None
         if level:
             adapter.apply_plan(plan)
-            before = evaluate_perplexity(model, val, 8, progress=False).ppl
+        before = evaluate_perplexity(model, val, 8, progress=False).ppl
+        shk_before = evaluate_perplexity(model, shk, 8, progress=False).ppl
         with tempfile.TemporaryDirectory() as tmp:
             targs = default_training_args(
                 os.path.join(tmp, "checkpoints"), max_steps=args.train_steps, warmup_steps=max(1, args.train_steps // 10),
@@ -344,16 +370,21 @@ def cmd_recovery(args: argparse.Namespace) -> int:
             rec = recover(model, tok, rows, os.path.join(tmp, "out"), training_args=targs, max_length=args.max_length,
                           overwrite=True, eval_before=False)
             after = evaluate_perplexity(rec.model, val, 8, progress=False).ppl
+            shk_after = evaluate_perplexity(rec.model, shk, 8, progress=False).ppl
         levels_out.append({"units_removed": level, "plan": [unit_key(u) for u in plan],
                            "params": skeleton_parameters(load_reference(args.model).config, plan),
                            "ppl_before": before, "ppl_after": after,
+                           "shakespeare_ppl_before": shk_before, "shakespeare_ppl_after": shk_after,
                            "train_loss_first": rec.first_loss, "train_loss_last": rec.last_loss,
                            "train_steps": rec.settings["steps"], "trainable_params": rec.settings["trainable_params"],
                            "seconds": time.perf_counter() - t0})
-        print(f"[recovery {args.model}/{args.kind} k={level}] ppl {before:.2f} -> {after:.2f} "
+        print(f"[recovery {args.model}/{args.kind} k={level}] ppl {before:.2f} -> {after:.2f}, Shakespeare part "
+              f"{shk_before:.2f} -> {shk_after:.2f} "
               f"(train loss {rec.first_loss} -> {rec.last_loss}, {levels_out[-1]['seconds']:.0f} s)", flush=True)
         res = {"model": args.model, "kind": args.kind, "base_ppl": sweep["greedy"]["ppl"][0],
                "validation": sweep["validation"],
+               "validation_shakespeare": {"window_indices": shk_idx, "seqlen": args.val_seqlen,
+                                          "selection": "evenly spaced inside the held-out Shakespeare part"},
                "data": {"source": "bundled calibration text (tinyshakespeare lines 1-5769) as plain-text rows",
                         "rows": len(rows), "row_chars": args.row_chars, "max_length": args.max_length,
                         "instruction": "Continue the text.", "loss_on": "the text (response) tokens only"},
@@ -374,6 +405,17 @@ def _parse_key(key: str) -> Unit:
 # ----------------------------------------------------------------------------- markdown tables
 
 
+def short_key(key: str) -> str:
+    """``mlp_channels@3:0,1,...,47`` -> ``mlp_channels@3:0-47`` (contiguous index runs)."""
+    head, _, idx = key.partition(":")
+    if not idx:
+        return key
+    nums = [int(i) for i in idx.split(",")]
+    if nums == list(range(nums[0], nums[-1] + 1)) and len(nums) > 2:
+        return f"{head}:{nums[0]}-{nums[-1]}"
+    return key
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Markdown tables of every result file (for benchmarks/BENCHMARKS.md)."""
     names = sorted(os.listdir(args.results))
@@ -391,22 +433,31 @@ def cmd_report(args: argparse.Namespace) -> int:
         print("| removed | greedy search | unit | cheap criterion | unit | random median | random mean ± std [min, max] |")
         print("|---|---|---|---|---|---|---|")
         for k, st in enumerate(r["random"]["stats"]):
-            gu = r["greedy"]["units"][k - 1] if k else "-"
-            cu = r["cheap"]["units"][k - 1] if k else "-"
+            gu = short_key(r["greedy"]["units"][k - 1]) if k else "-"
+            cu = short_key(r["cheap"]["units"][k - 1]) if k else "-"
             print(f"| {k} | {r['greedy']['ppl'][k]:.1f} | {gu} | {r['cheap']['ppl'][k]:.1f} | {cu} | {st['median']:.1f} | "
                   f"{st['mean']:.1f} ± {st['std']:.1f} [{st['min']:.1f}, {st['max']:.1f}] |")
-    for fname in [n for n in names if n.startswith("reference_recovery_") and n.endswith(".json")]:
+    rec_files = [n for n in names if n.startswith("reference_recovery_") and n.endswith(".json")]
+    levels = []
+    for fname in rec_files:
         with open(os.path.join(args.results, fname)) as f:
             r = json.load(f)
-        lo = r["lora"]
-        print(f"\n**Recovery, {r['model']} {r['kind']}** (LoRA r={lo['r']} on {lo['targets']}, {lo['steps']} steps x "
-              f"batch {lo['batch_size']}, lr {lo['lr']}; data: {r['data']['rows']} rows of the calibration text):\n")
-        print("| removed | plan | params | val ppl before | val ppl after | train loss first -> last | seconds |")
-        print("|---|---|---|---|---|---|---|")
-        for lv in r["levels"]:
+        r["file"] = fname
+        levels += [(r, lv) for lv in r["levels"]]
+    if levels:
+        r0 = levels[0][0]
+        lo = r0["lora"]
+        print(f"\n**Recovery, {r0['model']} {r0['kind']}** (LoRA r={lo['r']} on {lo['targets']}, {lo['steps']} steps x "
+              f"batch {lo['batch_size']}, lr {lo['lr']}; data: {r0['data']['rows']} rows of the calibration text):\n")
+        print("| removed | plan | params | val ppl before | after | Shakespeare-part ppl before | after "
+              "| train loss first -> last | seconds | file |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r, lv in sorted(levels, key=lambda x: x[1]["units_removed"]):
+            shk = (f"{lv['shakespeare_ppl_before']:.1f} | {lv['shakespeare_ppl_after']:.1f}"
+                   if "shakespeare_ppl_before" in lv else "- | -")
             print(f"| {lv['units_removed']} | {', '.join(lv['plan']) or '(unpruned)'} | {lv['params']:,} | "
-                  f"{lv['ppl_before']:.1f} | {lv['ppl_after']:.1f} | {lv['train_loss_first']:.2f} -> "
-                  f"{lv['train_loss_last']:.2f} | {lv['seconds']:.0f} |")
+                  f"{lv['ppl_before']:.1f} | {lv['ppl_after']:.1f} | {shk} | {lv['train_loss_first']:.2f} -> "
+                  f"{lv['train_loss_last']:.2f} | {lv['seconds']:.0f} | {r['file']} |")
     return 0
 
 
@@ -438,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--model", default="mamba2", choices=list(DEFAULT_KINDS))
     r.add_argument("--kind", default="block")
     r.add_argument("--levels", type=int, nargs="+", default=[0, 2, 4, 6])
+    r.add_argument("--suffix", default="", help="appended to the result file name (e.g. _control)")
     r.add_argument("--train-steps", type=int, default=30)
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--lr", type=float, default=1e-3)

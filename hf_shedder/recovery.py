@@ -25,6 +25,7 @@ from importlib import resources
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 
 from .arch import get_adapter
@@ -406,6 +407,8 @@ def recover(
     train_ds, val_ds, data_info = prepare_datasets(
         data, tokenizer, max_length=max_length, val_size=val_size, train_on_inputs=train_on_inputs, seed=args.seed
     )
+    # Seed before LoRA's random init (Trainer seeds only later), so identical runs give identical models.
+    transformers.set_seed(args.seed)
     peft_model = attach_lora(model, lora)
     checkpoint: str | None = None
     if resume is None:

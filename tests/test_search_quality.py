@@ -24,7 +24,7 @@ from hf_shedder.evaluation.perplexity import evaluate_perplexity
 from hf_shedder.search import SearchSettings, search
 
 REFERENCE = os.path.join(os.path.dirname(hf_shedder.__file__), "assets", "reference")
-CAL_SAMPLES, CAL_SEQLEN = 2, 128  # calibration: bundled tinyshakespeare slice (disjoint from validation)
+CAL_SAMPLES, CAL_SEQLEN = 4, 128  # calibration: bundled tinyshakespeare slice (disjoint from validation)
 VAL_WINDOWS, VAL_SEQLEN = 3, 128  # validation: windows spread over the held-out file's three texts
 RANDOM_DRAWS = 5
 
