@@ -169,16 +169,11 @@ def _row_text(row: Any, path: str, lineno: int) -> str:
     )
 
 
-def read_local_texts(path: str) -> list[str]:
-    """Rows of text from a .txt (one text), .json (list of rows) or .jsonl (a row a line) file."""
-    if not os.path.isfile(path):
-        raise DataError(f"no such file: {path}")
+def read_json_rows(path: str) -> list[Any]:
+    """The rows of a .jsonl file (one JSON value a line) or a .json file (a list, or an object holding
+    exactly one list, as in ``{"train": [...]}``); DataError names the bad line or shape."""
     suffix = os.path.splitext(path)[1].lower()
-    if suffix not in LOCAL_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
     with open(path, encoding="utf-8") as f:
-        if suffix == ".txt":
-            return [f.read()]
         if suffix == ".jsonl":
             rows = []
             for i, line in enumerate(f, 1):
@@ -187,16 +182,32 @@ def read_local_texts(path: str) -> list[str]:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path}: line {i} is not JSON ({e.msg})") from e
-        else:
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
-            if isinstance(rows, dict):  # {"data": [...]} / {"train": [...]} style
-                lists = [v for v in rows.values() if isinstance(v, list)]
-                if len(lists) != 1:
-                    raise DataError(f"{path}: expected a JSON list of rows (or an object holding one list)")
-                rows = lists[0]
+            return rows
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a JSON list of rows (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of rows")
+    return data
+
+
+def read_local_texts(path: str) -> list[str]:
+    """Rows of text from a .txt (one text), .json (list of rows) or .jsonl (a row a line) file."""
+    if not os.path.isfile(path):
+        raise DataError(f"no such file: {path}")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in LOCAL_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
+    if suffix == ".txt":
+        with open(path, encoding="utf-8") as f:
+            return [f.read()]
+    rows = read_json_rows(path)
     return [_row_text(r, path, i) for i, r in enumerate(rows, 1)]
 
 

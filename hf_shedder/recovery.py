@@ -29,7 +29,7 @@ import transformers
 from torch import nn
 
 from .arch import get_adapter
-from .data import render_alpaca
+from .data import read_json_rows, render_alpaca
 from .errors import DataError, RecoveryError
 
 DEFAULT_DATA = "yahma/alpaca-cleaned"
@@ -64,43 +64,17 @@ def bundled_data_file() -> str:
     return str(resources.files("hf_shedder").joinpath("assets", "recovery", "alpaca_tiny.jsonl"))
 
 
-def _read_json_rows(path: str) -> list[Any]:
-    suffix = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8") as f:
-        if suffix == ".jsonl":
-            rows = []
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {i} is not JSON ({e.msg})") from e
-            return rows
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
-    if isinstance(data, dict):  # {"train": [...]} / {"data": [...]}
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise DataError(f"{path}: expected a JSON list of instruction rows (or an object holding one list)")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of instruction rows")
-    return data
-
-
 def load_instruction_rows(source: str = DEFAULT_DATA, split: str = "train") -> list[dict[str, Any]]:
     """Alpaca-style rows (``instruction``, ``input``, ``output``) from a hub dataset, a local file or
     ``"bundled"`` (the tiny hand-written file shipped for tests and the demo)."""
     if source == BUNDLED_DATA:
-        return _read_json_rows(bundled_data_file())
+        return read_json_rows(bundled_data_file())
     if os.path.splitext(source)[1].lower() in (".json", ".jsonl") or os.path.exists(source):
         if not os.path.isfile(source):
             raise DataError(f"no such file: {source}")
         if os.path.splitext(source)[1].lower() not in (".json", ".jsonl"):
             raise DataError(f"{source}: recovery data must be a .json or .jsonl file of instruction rows")
-        return _read_json_rows(source)
+        return read_json_rows(source)
     import datasets
 
     try:

@@ -57,15 +57,6 @@ PLANS: dict[str, dict[str, list[Unit]]] = {
 CASES = [(family, name) for family, plans in PLANS.items() for name in plans]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls: one thread is faster and immune to CPU oversubscription on a busy machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _x() -> torch.Tensor:
     return torch.randint(1, VOCAB, (2, 11))
 

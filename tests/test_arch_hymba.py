@@ -15,15 +15,6 @@ ATOL = 1e-5
 VOCAB = 53
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is many times faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def _hymba_registered(monkeypatch):
     """Make sure the Hymba family is known (a no-op once hf_shedder registers it itself)."""

@@ -27,14 +27,6 @@ PLANS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _x() -> torch.Tensor:
     return torch.randint(1, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
 

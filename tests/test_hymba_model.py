@@ -8,15 +8,6 @@ import torch
 from hf_shedder.models.hymba import HymbaCache, HymbaConfig, HymbaForCausalLM
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is many times faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(**overrides) -> HymbaConfig:
     fields = dict(
         vocab_size=61,

@@ -17,15 +17,6 @@ from tests.tiny_models import VOCAB, build_tiny
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls: one thread is faster and immune to CPU oversubscription on a busy machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _calib(n: int = 4, length: int = 32, seed: int = 0) -> CalibrationSet:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (n, length), generator=g)

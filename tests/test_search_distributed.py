@@ -60,14 +60,6 @@ def _comparable(journal):
     return [{k: v for k, v in s.items() if k not in ("seconds", "counters")} for s in journal["steps"]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_two_processes_give_the_single_process_plan_and_journal(tmp_path, monkeypatch):
     single = {}
     for name, kw in CASES.items():
