@@ -24,7 +24,7 @@ lint: install
 	$(BIN)/ruff check hf_shedder tests recipes benchmarks
 
 demo: install
-	$(BIN)/python recipes/demo_offline.py --out demo_out
+	$(BIN)/python recipes/demo_offline.py --out demo_out --overwrite
 
 clean:
 	rm -rf demo_out .pytest_cache build *.egg-info
