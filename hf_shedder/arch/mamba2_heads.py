@@ -45,6 +45,7 @@ from .stacked_masks import StackedMasks
 from .width import (
     head_channels,
     kept_positions,
+    removed_per_group,
     select_depthwise_conv,
     select_linear,
     select_vector,
@@ -72,7 +73,7 @@ def check_ssm_heads(removed: set[int], num_heads: int, n_groups: int, n_norm_gro
         if parts <= 1:
             continue
         per = num_heads // parts
-        counts = [sum(1 for h in removed if h // per == g) for g in range(parts)]
+        counts = removed_per_group(removed, num_heads, parts)
         if len(set(counts)) > 1:
             raise PlanError(
                 f"Mamba-2 heads come in {parts} {what} of {per} consecutive heads, and every group must keep the "

@@ -35,7 +35,7 @@ from .hybrid_parts import check_experts_left, remove_experts, swap_attr
 from .hybrid_stack import ATTENTION, MAMBA, MLP, MOE, HybridStackAdapter
 from .layerwise_inputs import layer_type_masks, position_ids_for
 from .mamba2_heads import ssm_head_candidates
-from .width import shallow_clone
+from .width import removed_per_group, shallow_clone
 
 _TYPES = {"linear_attention": MAMBA, "full_attention": ATTENTION, "mlp": MLP, "moe": MOE}
 
@@ -55,7 +55,7 @@ def check_expert_groups(layer: int, removed: set[int], num_experts: int, n_group
     """Raise PlanError unless a grouped top-k router without experts ``removed`` is still well formed."""
     check_experts_left(layer, num_experts - len(removed), top_k)
     per = num_experts // n_group
-    counts = [sum(1 for e in removed if e // per == g) for g in range(n_group)]
+    counts = removed_per_group(removed, num_experts, n_group)
     if len(set(counts)) > 1:
         raise PlanError(
             f"layer {layer}'s router splits its experts into n_group={n_group} groups of {per} consecutive ids, "

@@ -119,6 +119,13 @@ def head_channels(heads: Sequence[int], head_dim: int) -> list[int]:
     return [h * head_dim + d for h in heads for d in range(head_dim)]
 
 
+def removed_per_group(removed: set[int], size: int, n_groups: int) -> list[int]:
+    """How many of ``removed`` fall in each of ``n_groups`` equal runs of consecutive ids out of ``size``
+    (Mamba-2 head groups, grouped-router expert groups): such groups must shrink evenly."""
+    per = size // n_groups
+    return [sum(1 for i in removed if i // per == g) for g in range(n_groups)]
+
+
 def check_attention_heads(removed: set[int], num_heads: int, num_kv_heads: int) -> None:
     """Grouped-query attention stays valid if whole KV groups go, and the remaining groups lose equally many."""
     rep = num_heads // num_kv_heads
