@@ -1,13 +1,28 @@
 """Check hf_shedder's Hymba against the public Hymba remote code (not part of the suite).
 
-How to run (CPU is enough; nothing is downloaded):
+Exit status: 0 only when every comparison passed; 1 on a mismatch; 2 when the check
+could not run at all (public files or a dependency missing, bad arguments, public
+code that no longer accepts the in-memory edits below) -- a run that prints SKIP is
+never a pass.  Results of past runs: docs/hymba_equivalence.md.
 
-    python tests/hymba_equivalence_check.py /path/to/modeling_hymba.py
+How to run (CPU is enough; nothing is downloaded, ~2 minutes on 2 cores):
 
-``/path/to`` is a copy of the Hugging Face repo ``nvidia/Hymba-1.5B-Base`` (or any
-folder holding its ``modeling_hymba.py`` and ``configuration_hymba.py``).  The public
-code needs ``einops`` importable (e.g. ``pip install einops`` or put a folder holding
-it on PYTHONPATH).  Without the file (or einops) the check prints SKIP and exits 0.
+  1. Get ``modeling_hymba.py`` and ``configuration_hymba.py`` of the Hugging Face repo
+     ``nvidia/Hymba-1.5B-Base`` into one folder, e.g. /tmp/hymba_public (from the Hub,
+     or from a verbatim public copy of that repo; the copy used so far is GitHub
+     ``BharadwajYR/hackathon_mlops`` at commit 6d3b76ffaa106d124f1701cd96d27a5d1025b7fd,
+     files at the repo root).  Keep them outside this repository.
+  2. Make ``einops`` importable, e.g.
+     ``pip install --target /tmp/hymba_extra einops`` (the public code imports it).
+     torch >= 2.5 (for ``torch.nn.attention.flex_attention``) and the project's own
+     requirements (transformers 5) are assumed; flash-attn, mamba-ssm and
+     causal-conv1d are NOT needed.
+  3. From the repository root::
+
+         PYTHONPATH=.:/tmp/hymba_extra HF_HUB_OFFLINE=1 \
+             python tests/hymba_equivalence_check.py /tmp/hymba_public
+
+     (the argument may be the folder or its ``modeling_hymba.py``).
 
 The public code hard-requires flash-attn and the mamba-ssm / causal-conv1d CUDA
 kernels.  To run it on CPU this script, in memory only, (a) registers stand-in
@@ -16,19 +31,25 @@ rules, a sequential selective scan, a depthwise causal conv) and (b) makes four
 textual edits to the public file so it imports and runs under Transformers 5 on CPU
 (listed in ``PUBLIC_CODE_EDITS``).  Nothing of the public code is stored in this repo.
 
-Checks, for two tiny random configurations (one shaped like the published config,
-one with the optional features switched on), with identical weights in both models:
+Checks, for three tiny random configurations (one shaped like the published config,
+two with the optional features switched on), with identical weights in both models:
   1. the state-dict keys are identical (strict load both ways), and a checkpoint the
      public model writes with save_pretrained loads into ours with no missing or
      unexpected keys and the same logits;
   2. full-sequence logits agree (flex-attention path of the public code; the
-     sequence is longer than the sliding window, with meta tokens and KV sharing);
+     sequence is longer than the sliding window, with meta tokens and KV sharing),
+     also when that long prompt is run as a cached prefill;
   3. token-by-token greedy decoding with the cache agrees, logits and tokens,
      while the context stays inside the sliding window;
   4. (informative) beyond the window: ours stays equal to its own uncached
      forward; the public cached decoding keeps one past token fewer than its own
-     uncached (flex) forward, so there the two implementations may differ.
-Exit status 0 when 1-3 pass.
+     uncached (flex) forward, so there the two implementations differ -- the script
+     shows this by also decoding with our sliding windows narrowed by one, which
+     then reproduces the public cached logits.  Not so in "variant-2", where a
+     sliding-window layer reuses the keys/values of a global layer (no published
+     config does): there the public cached path applies flash-attn's plain window
+     to the producer's untrimmed cache, which also drops the meta tokens.
+Exit status 0 when 1-3 pass for every configuration.
 """
 
 from __future__ import annotations
@@ -207,6 +228,17 @@ CONFIGS = {
         attn_implementation_new="flex", mamba_inner_layernorms=False, mamba_proj_bias=True,
         tie_word_embeddings=False, num_experts=1, num_experts_per_tok=1, mlp_hidden_act="silu",
     ),
+    # five query heads per key/value head as in the published model, periodic KV reuse,
+    # rms kq-norm, dynamic NTK rope (grows past orig_max_position_embeddings), relu2 MLP
+    "variant-2": dict(
+        vocab_size=97, hidden_size=80, intermediate_size=64, num_hidden_layers=5, num_attention_heads=5,
+        num_key_value_heads=1, mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=5,
+        num_memory_tokens=3, sliding_window=4, global_attn_idx=[0, 4], kv_reuse_every_i_layer=2,
+        rope=True, rope_type="dynamic_ntk", orig_max_position_embeddings=16, max_position_embeddings=64,
+        seq_length=256, kq_norm="rms", attn_implementation_new="flex", mamba_inner_layernorms=True,
+        mamba_conv_bias=False, tie_word_embeddings=False, num_experts=1, num_experts_per_tok=1,
+        mlp_hidden_act="relu2",
+    ),
 }
 
 
@@ -232,14 +264,20 @@ def build_pair(public, fields: dict):
     return ref, ours
 
 
-def public_decode(public, ref, prompt: torch.Tensor, steps: int):
-    """Greedy decoding with the public cache, driven by hand (its generate() predates Transformers 5)."""
+def public_prefill(public, ref, prompt: torch.Tensor):
+    """First forward with a fresh public cache; positions as the public generate() makes them."""
     mem = ref.config.num_memory_tokens
     cache = public.HybridMambaAttentionDynamicCache(
         ref.config, prompt.shape[0], torch.float32, device="cpu", layer_type=ref.config.layer_type
     )
-    positions = torch.arange(mem + prompt.shape[1])[None]
-    out = ref(input_ids=prompt, position_ids=positions, past_key_values=cache, use_cache=True)
+    positions = torch.arange(mem + prompt.shape[1])[None].expand(prompt.shape[0], -1)
+    return ref(input_ids=prompt, position_ids=positions, past_key_values=cache, use_cache=True), cache
+
+
+def public_decode(public, ref, prompt: torch.Tensor, steps: int):
+    """Greedy decoding with the public cache, driven by hand (its generate() predates Transformers 5)."""
+    mem = ref.config.num_memory_tokens
+    out, cache = public_prefill(public, ref, prompt)
     logits, tokens = [out.logits[:, -1]], []
     for _ in range(steps):
         nxt = logits[-1].argmax(-1, keepdim=True)
@@ -262,22 +300,53 @@ def ours_decode(ours, prompt: torch.Tensor, steps: int):
     return torch.cat(tokens, 1), torch.stack(logits, 1)
 
 
+class narrowed_windows:
+    """Context manager: our sliding-window layers see one past token fewer (window - 1)."""
+
+    def __init__(self, model) -> None:
+        self.attns = [layer.mamba.self_attn for layer in model.model.layers if not layer.mamba.self_attn.is_global]
+
+    def __enter__(self) -> None:
+        for attn in self.attns:
+            attn.sliding_window -= 1
+
+    def __exit__(self, *exc) -> None:
+        for attn in self.attns:
+            attn.sliding_window += 1
+
+
 def uncached_logits(model, prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     full = torch.cat([prompt, tokens], 1)
     return model(input_ids=full, use_cache=False).logits[:, prompt.shape[1] - 1 :].float()
 
 
+def _verdict(good: bool) -> str:
+    return "OK" if good else "FAIL"
+
+
 def check(public, name: str, fields: dict) -> bool:
     ref, ours = build_pair(public, fields)
     ok = True
+    window = fields["sliding_window"]
     with torch.no_grad():
         ids = torch.randint(0, fields["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(2))
         a = ref(input_ids=ids, use_cache=False).logits.float()
         b = ours(input_ids=ids, use_cache=False).logits.float()
         diff = (a - b).abs().max().item()
         ok &= diff < ATOL
-        print(f"[{name}] full-sequence logits, {ids.shape[1]} tokens (> window {fields['sliding_window']}): "
-              f"max |diff| = {diff:.2e} {'OK' if diff < ATOL else 'FAIL'}")
+        print(f"[{name}] full-sequence logits, {ids.shape[1]} tokens (> window {window}), "
+              f"max |logit| {a.abs().max().item():.2f}: max |diff| = {diff:.2e} {_verdict(diff < ATOL)}")
+
+        a_pre = public_prefill(public, ref, ids)[0].logits.float()
+        b_pre = ours(input_ids=ids, use_cache=True).logits.float()
+        # With a cache, the public model strips the meta-token positions only when the cache
+        # is still empty *after* the forward, i.e. never: its prefill logits start with one
+        # row per meta token.  Ours returns token positions only; compare those.
+        extra = a_pre.shape[1] - b_pre.shape[1]
+        diff = (a_pre[:, extra:] - b_pre).abs().max().item()
+        ok &= diff < ATOL and extra in (0, fields["num_memory_tokens"])
+        print(f"[{name}] same prompt as a cached prefill (flex path with cache; public output has {extra} "
+              f"leading meta-token rows, dropped): max |diff| = {diff:.2e} {_verdict(diff < ATOL)}")
 
         with tempfile.TemporaryDirectory() as tmp:  # a checkpoint saved by the public code loads into ours
             del ref.config._pre_quantization_dtype  # not JSON-serialisable; only our CPU run needs it
@@ -292,43 +361,60 @@ def check(public, name: str, fields: dict) -> bool:
         ok &= clean and diff < ATOL
         print(f"[{name}] public save_pretrained -> our from_pretrained: missing={list(info['missing_keys'])} "
               f"unexpected={list(info['unexpected_keys'])}, max |diff| = {diff:.2e} "
-              f"{'OK' if clean and diff < ATOL else 'FAIL'}")
+              f"{_verdict(clean and diff < ATOL)}")
 
         prompt = ids[:1, :2]
-        steps = fields["sliding_window"] - prompt.shape[1]  # context stays inside the window
+        steps = window - prompt.shape[1]  # context stays inside the window
         t_ref, l_ref = public_decode(public, ref, prompt, steps)
         t_our, l_our = ours_decode(ours, prompt, steps)
         diff = (l_ref - l_our).abs().max().item()
         same = torch.equal(t_ref, t_our)
         ok &= same and diff < ATOL
         print(f"[{name}] cached greedy decoding inside the window ({steps} new tokens): tokens equal={same}, "
-              f"max |diff| = {diff:.2e} {'OK' if same and diff < ATOL else 'FAIL'}")
+              f"max |diff| = {diff:.2e} {_verdict(same and diff < ATOL)}")
 
-        steps = fields["sliding_window"] + 6
+        steps = window + 6
         t_our, l_our = ours_decode(ours, prompt, steps)
         self_diff = (l_our - uncached_logits(ours, prompt, t_our)).abs().max().item()
         t_ref, l_ref = public_decode(public, ref, prompt, steps)
         ref_self = (l_ref - uncached_logits(ref, prompt, t_ref)).abs().max().item()
+        with narrowed_windows(ours):
+            t_nar, l_nar = ours_decode(ours, prompt, steps)
+        nar_diff = (l_ref - l_nar).abs().max().item()
         print(f"[{name}] beyond the window ({steps} new tokens), informative: ours cached vs ours uncached "
-              f"{self_diff:.2e}; public cached vs public uncached {ref_self:.2e}; "
-              f"tokens equal={torch.equal(t_ref, t_our)}")
+              f"{self_diff:.2e}; public cached vs public uncached {ref_self:.2e}; tokens equal="
+              f"{torch.equal(t_ref, t_our)}; public cached vs ours with windows narrowed by one {nar_diff:.2e}, "
+              f"tokens equal={torch.equal(t_ref, t_nar)}")
     return ok
 
 
 def main(argv: list[str]) -> int:
+    """0: all comparisons passed; 1: a mismatch; 2: the comparison could not be run."""
     if len(argv) != 1:
         print(__doc__)
+        print("CANNOT RUN: expected one argument, the folder holding the public modeling_hymba.py")
         return 2
     path = Path(argv[0])
     if path.is_dir():
         path = path / "modeling_hymba.py"
     if not path.is_file() or not (path.parent / "configuration_hymba.py").is_file():
-        print(f"SKIP: public Hymba code not found at {path}")
-        return 0
-    if importlib.util.find_spec("einops") is None:
-        print("SKIP: the public Hymba code needs einops, which is not importable")
-        return 0
-    public = load_public(path)
+        print(f"SKIP (exit 2, nothing compared): public Hymba code not found at {path} "
+              "(needs modeling_hymba.py and configuration_hymba.py side by side; see the docstring)")
+        return 2
+    for module, why in (("einops", "the public Hymba code imports it"),
+                        ("torch.nn.attention.flex_attention", "the public Hymba code needs torch >= 2.5")):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            print(f"SKIP (exit 2, nothing compared): {module} is not importable ({why})")
+            return 2
+    try:
+        public = load_public(path)
+    except (ImportError, RuntimeError) as err:
+        print(f"SKIP (exit 2, nothing compared): the public code could not be loaded: {err!r}")
+        return 2
     assert "window_size" in inspect.signature(sys.modules["flash_attn"].flash_attn_func).parameters
     results = [check(public, name, fields) for name, fields in CONFIGS.items()]
     print("EQUIVALENT" if all(results) else "MISMATCH")

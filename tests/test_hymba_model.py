@@ -165,3 +165,81 @@ def test_right_padding_does_not_change_real_positions():
         first = model(input_ids=a, use_cache=False).logits
     torch.testing.assert_close(padded[1, :6], alone[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(padded[0], first[0], atol=1e-5, rtol=1e-4)
+
+
+# The config.json published with nvidia/Hymba-1.5B-Base (every field, as shipped;
+# conv_dim and layer_type written as comprehensions instead of 32 literal entries).
+PUBLISHED_1_5B_CONFIG = {
+    "architectures": ["HymbaForCausalLM"], "attention_dropout": 0.0, "attn_hidden_size": -1,
+    "attn_implementation": "flex", "attn_implementation_new": "flex",
+    "auto_map": {"AutoConfig": "configuration_hymba.HymbaConfig", "AutoModelForCausalLM": "modeling_hymba.HymbaForCausalLM"},
+    "bos_token_id": 1, "calc_logits_for_entire_prompt": False, "conv_dim": {str(i): 3200 for i in range(32)},
+    "eos_token_id": 2, "global_attn_idx": [0, 15, 31], "hidden_act": "silu", "hidden_size": 1600,
+    "initializer_range": 0.02, "intermediate_size": 5504, "kq_head_dim": -1, "kq_norm": "none",
+    "kv_reuse_every_i_layer": -1,
+    "kv_reuse_group": [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10], [11, 12], [13, 14], [16, 17, 18], [19, 20],
+                       [21, 22], [23, 24], [25, 26], [27, 28], [29, 30]],
+    "kv_weight_reuse": False, "layer_type": ["h"] * 32, "mamba_conv_bias": True, "mamba_d_conv": 4,
+    "mamba_d_state": 16, "mamba_dt_rank": 100, "mamba_expand": 2, "mamba_inner_layernorms": True,
+    "mamba_proj_bias": False, "max_position_embeddings": 8192, "memory_tokens_interspersed_every": 0,
+    "mlp_hidden_act": "silu", "model_type": "hymba", "num_attention_heads": 25, "num_experts": 1,
+    "num_experts_per_tok": 1, "num_hidden_layers": 32, "num_key_value_heads": 5, "num_mamba": 1,
+    "num_memory_tokens": 128, "orig_max_position_embeddings": 2048, "output_router_logits": False,
+    "pad_token_id": 0, "rms_norm_eps": 1e-06, "rope": True, "rope_theta": 10000.0, "rope_type": "ntk",
+    "router_aux_loss_coef": 0.001, "seq_length": 8192, "sliding_window": 1024, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.44.0", "use_cache": False, "use_mamba_kernels": True,
+    "v_head_dim": 128, "vocab_size": 32001,
+}
+
+# State-dict keys and shapes of the public remote code (modeling_hymba.py of
+# nvidia/Hymba-1.5B-Base) for that config, recorded by building it on the meta device
+# (2026-12-01, see docs/hymba_equivalence.md).  No key list of the checkpoint file
+# itself was found in a public source; the total, 1,522,797,824 parameters with the
+# tied embedding counted once, agrees with the "1.52B params" published for it.
+PUBLISHED_TOP_LEVEL = {
+    "model.embed_tokens.weight": (32001, 1600),
+    "model.memory_tokens": (128, 1600),
+    "model.final_layernorm.weight": (1600,),
+    "lm_head.weight": (32001, 1600),
+}
+PUBLISHED_PER_LAYER = {
+    "input_layernorm.weight": (1600,),
+    "mamba.A_log.0": (3200, 16),
+    "mamba.B_layernorm.weight": (16,),
+    "mamba.C_layernorm.weight": (16,),
+    "mamba.D.0": (3200,),
+    "mamba.conv1d.bias": (3200,),
+    "mamba.conv1d.weight": (3200, 1, 4),
+    "mamba.dt_layernorm.weight": (100,),
+    "mamba.dt_proj.0.bias": (3200,),
+    "mamba.dt_proj.0.weight": (3200, 100),
+    "mamba.in_proj.weight": None,  # (8960, 1600) with own keys/values, (8000, 1600) when reusing them
+    "mamba.out_proj.weight": (1600, 3200),
+    "mamba.pre_avg_layernorm1.weight": (3200,),
+    "mamba.pre_avg_layernorm2.weight": (3200,),
+    "mamba.x_proj.0.weight": (132, 3200),
+    "moe.experts.0.down_proj.weight": (1600, 5504),
+    "moe.experts.0.gate_proj.weight": (5504, 1600),
+    "moe.experts.0.up_proj.weight": (5504, 1600),
+    "pre_moe_layernorm.weight": (1600,),
+}
+PUBLISHED_KV_CONSUMERS = {2, 4, 6, 8, 10, 12, 14, 17, 18, 20, 22, 24, 26, 28, 30}
+
+
+def test_published_1_5b_state_dict_keys_and_shapes():
+    config = HymbaConfig.from_dict(dict(PUBLISHED_1_5B_CONFIG))
+    with torch.device("meta"):  # no memory, no init cost
+        model = HymbaForCausalLM(config)
+    expected = dict(PUBLISHED_TOP_LEVEL)
+    for i in range(32):
+        for suffix, shape in PUBLISHED_PER_LAYER.items():
+            if shape is None:
+                shape = (8000, 1600) if i in PUBLISHED_KV_CONSUMERS else (8960, 1600)
+            expected[f"model.layers.{i}.{suffix}"] = shape
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert set(got) == set(expected), (sorted(set(got) - set(expected)), sorted(set(expected) - set(got)))
+    assert {k: v for k, v in got.items() if expected[k] != v} == {}
+    assert len(got) == 612
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert sum(p.numel() for p in model.parameters()) == 1_522_797_824  # parameters() counts the tie once
+    assert config.v_head_dim == 128 and config.attn_implementation_new == "flex"
