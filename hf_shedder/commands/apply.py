@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..arch import get_adapter
-from ..loading import count_parameters, load_model, load_tokenizer_for, parse_dtype
+from ..data import output_tokenizer
+from ..loading import count_parameters, load_model, parse_dtype
 from ..modeling import PrunedMambaForCausalLM
 from ..outputs import staged_directory
 from ..units import Plan
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         pruned.save_pretrained(tmp, export=export)
         plan_full = pruned.config.get_plan()
         plan_full.save(tmp / "shedder_plan.json")
-        tokenizer = load_tokenizer_for(args.model)
+        tokenizer = output_tokenizer(args.model, getattr(model.config, "vocab_size", None))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     print(f"pruned {plan.summary()}: {before:,} -> {after:,} parameters ({after / before:.1%}); saved to {args.out}")
