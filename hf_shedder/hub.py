@@ -373,6 +373,7 @@ def push_to_hub(
         raise HubError(f"--repo must look like 'user/name', got {repo_id!r}")
     files = files_to_upload(folder)
     tok = resolve_token(token)
+    import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -385,6 +386,13 @@ def push_to_hub(
         )
     except OfflineModeIsEnabled as e:
         raise HubError(f"cannot push to {repo_id}: Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1)") from e
-    except (HfHubHTTPError, ConnectionError, OSError) as e:
+    except HfHubHTTPError as e:  # the Hub answered with an error (bad token, no permission, ...)
+        raise HubError(f"push to {repo_id} failed: {type(e).__name__}: {e}") from e
+    except (httpx.TransportError, ConnectionError) as e:  # huggingface_hub 1.x raises httpx's own errors
+        raise HubError(
+            f"push to {repo_id} failed: cannot reach the Hugging Face Hub ({type(e).__name__}: {e}); "
+            "check the network connection (or proxy settings) and try again"
+        ) from e
+    except (httpx.HTTPError, OSError) as e:
         raise HubError(f"push to {repo_id} failed: {type(e).__name__}: {e}") from e
     return str(getattr(info, "commit_url", info))
