@@ -270,7 +270,7 @@ def render_model_card(context: dict[str, Any], template: str | os.PathLike[str] 
         summary += f", keeping {100 * pa / pb:.1f}% of the parameters"
     summary += "."
     base_section = (
-        f"`{base}`" + (f" (family: {c['family']})" if c.get("family") else "") if base else f"Base model: {NOT_MEASURED}."
+        f"`{base}`" + (f" (family: {c['family']})" if c.get("family") else "") if base else "Base model: not recorded."
     )
     values = {
         "front_matter": "\n".join(front),
