@@ -22,6 +22,7 @@ import torch
 from hf_shedder.errors import DataError
 
 EOS = "<|endoftext|>"
+NEOX_VOCAB_SLACK = 128  # vocab sizes this close to the bundled tokenizer's are GPT-NeoX padded
 HUB_TOKENIZER_HINT = "the bundled GPT-NeoX tokenizer (leave --tokenizer unset) or a local tokenizer folder"
 
 # Hub datasets as the Mamba-Shedder reference loads them (utils.get_dataset), with the split it
@@ -57,10 +58,16 @@ def bundled_tokenizer_file() -> str:
     return _asset("tokenizer", "gpt-neox-20b", "tokenizer.json")
 
 
-def load_tokenizer(name_or_path: str | None = None):
+def _looks_like_path(name: str) -> bool:
+    """A string meant as a folder, not a hub id (hub ids are ``name`` or ``owner/name``)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def load_tokenizer(name_or_path: str | None = None) -> Any:
     """The bundled GPT-NeoX tokenizer (Mamba/Mamba-2's own) by default, else AutoTokenizer.
 
-    ``pad_token`` is set to the EOS token when the tokenizer has none, so batches can be padded.
+    Special tokens are completed with :func:`complete_special_tokens` (a bare GPT-NeoX tokenizer.json
+    names none), so batches can be padded.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -69,17 +76,75 @@ def load_tokenizer(name_or_path: str | None = None):
             tokenizer_file=bundled_tokenizer_file(), eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS
         )
         return tok
+    if _looks_like_path(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise DataError(f"cannot load tokenizer: no such folder {name_or_path!r}. Offline, use {HUB_TOKENIZER_HINT}.")
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path))
     except (OSError, ValueError) as e:
-        where = "folder" if os.path.isdir(name_or_path) else "hub name"
+        where = "folder" if os.path.isdir(os.path.expanduser(name_or_path)) else "hub name"
         raise DataError(
             f"cannot load tokenizer from {where} {name_or_path!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
             f"Offline, use {HUB_TOKENIZER_HINT}."
         ) from e
+    return complete_special_tokens(tok)
+
+
+def complete_special_tokens(tok: Any) -> Any:
+    """Fill in the special tokens a tokenizer lacks, in place, and return it.
+
+    GPT-NeoX keeps its special-token roles in tokenizer_config.json, so a folder with only tokenizer.json
+    loads with no eos/bos/pad: padding, recovery and lm-eval then fail. When the vocabulary has
+    ``<|endoftext|>`` it becomes eos/bos/unk (as GPT-NeoX's own config says); pad falls back to eos.
+    """
+    if tok.eos_token is None and EOS in tok.get_vocab():
+        tok.eos_token = EOS
+        if tok.bos_token is None:
+            tok.bos_token = EOS
+        if tok.unk_token is None:
+            tok.unk_token = EOS
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def require_special_tokens(tok: Any, purpose: str, eos: bool = True, pad: bool = True) -> None:
+    """DataError (not a traceback from deep inside Trainer / lm-eval) when ``tok`` lacks a needed token."""
+    complete_special_tokens(tok)
+    missing = [name for name, needed in (("eos", eos), ("pad", pad)) if needed and getattr(tok, f"{name}_token") is None]
+    if missing:
+        name = getattr(tok, "name_or_path", None) or type(tok).__name__
+        raise DataError(
+            f"the tokenizer {name!r} defines no {' or '.join(missing)} token, which {purpose} needs. Use a tokenizer "
+            f"folder whose tokenizer_config.json sets eos_token (and pad_token), or {HUB_TOKENIZER_HINT} via --tokenizer."
+        )
+
+
+def tokenizer_for_model(model_path: str, name: str | None = None) -> Any:
+    """``name`` (--tokenizer) if given, else the model folder's own tokenizer, else the bundled GPT-NeoX one;
+    special tokens completed."""
+    from hf_shedder.loading import load_tokenizer_for
+
+    if name:
+        return load_tokenizer(name)
+    tok = load_tokenizer_for(model_path) if os.path.isdir(model_path) else None
+    return complete_special_tokens(tok) if tok is not None else load_tokenizer()
+
+
+def output_tokenizer(model_path: str, vocab_size: int | None) -> Any | None:
+    """The tokenizer to save next to a model made from ``model_path``: the model's own (special tokens
+    completed), else the bundled GPT-NeoX one when the model's vocabulary is GPT-NeoX-sized, else None.
+    A tokenizer without an eos token is not saved: it would break padding and lm-eval on the output."""
+    from hf_shedder.loading import load_tokenizer_for
+
+    tok = load_tokenizer_for(model_path)
+    if tok is None:
+        tok = load_tokenizer()
+        # Mamba checkpoints pad the GPT-NeoX vocabulary (50280, 50288, ...); another size means another
+        # tokenizer, and saving GPT-NeoX's would pass it off as the model's own.
+        if vocab_size is None or abs(vocab_size - len(tok)) > NEOX_VOCAB_SLACK:
+            return None
+    complete_special_tokens(tok)
+    return tok if tok.eos_token is not None else None
 
 
 @dataclass

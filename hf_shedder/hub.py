@@ -14,16 +14,24 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from hf_shedder.errors import HubError
+from hf_shedder.errors import CheckpointError, HubError
+from hf_shedder.records import (
+    PLAN_FILE,
+    PROVENANCE_FILE,
+    SEARCH_FILE,
+    folder_provenance,
+    search_settings_for_card,
+)
 
 NOT_MEASURED = "not measured"
+INSTALL_HINT = ("hf_shedder is not on PyPI: install it from its source repository (`pip install .` in a checkout) "
+                "or from a wheel built there (`pip wheel . -w dist`)")
 
 # Results files read by ``hf-shedder card`` (written by prune / eval / bench / recover).
-SEARCH_FILE = "shedder_search.json"  # search summary: base model, units, params, settings
 EVAL_FILE = "eval_results.json"  # {"base": {...}, "pruned": {...}} from `hf-shedder eval`
 SPEED_FILE = "speed_results.json"  # SpeedComparison.to_dict() from `hf-shedder bench`
 RECOVERY_FILE = "recovery.json"  # recovery settings + losses from `hf-shedder recover`
-RESULT_FILES = (SEARCH_FILE, EVAL_FILE, "eval_results.csv", SPEED_FILE, RECOVERY_FILE,
+RESULT_FILES = (SEARCH_FILE, EVAL_FILE, "eval_results.csv", SPEED_FILE, RECOVERY_FILE, PLAN_FILE, PROVENANCE_FILE,
                 "trajectory.png", "trajectory.csv", "trajectory.json", "pruning_config.json")
 PLAIN_EXPORT_DIRS = ("plain_export", "plain")
 
@@ -68,7 +76,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def _removed_section(units: list[dict] | None) -> str:
+def _removed_section(units: list[dict] | None, searched: bool = True) -> str:
     if units is None:
         return f"Removed units: {NOT_MEASURED} (no plan found)."
     if not units:
@@ -82,7 +90,8 @@ def _removed_section(units: list[dict] | None) -> str:
     for u in units:
         kinds[str(u.get("kind"))] = kinds.get(str(u.get("kind")), 0) + 1
     summary = ", ".join(f"{n} x {k}" for k, n in kinds.items())
-    return f"{len(units)} units removed ({summary}), in the order the search removed them:\n\n" + _table(
+    order = "in the order the search removed them" if searched else "in plan order"
+    return f"{len(units)} units removed ({summary}), {order}:\n\n" + _table(
         ["step", "unit kind", "layer (original index)", "indices"], rows
     )
 
@@ -94,9 +103,10 @@ def _params_section(before: Any, after: Any) -> str:
     return _table(["", "base", "pruned"], rows)
 
 
-def _search_section(search: dict | None) -> str:
+def _search_section(search: dict | None, metrics: dict | None = None, versions: dict | None = None) -> str:
+    made_with = ("\n\nMade with " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".") if versions else ""
     if not search:
-        return f"Search settings: {NOT_MEASURED}."
+        return "No search was recorded: the plan was applied as given." + made_with
     labels = {
         "unit_kinds": "unit kinds", "steps": "steps", "calibration": "calibration data", "n_samples": "samples",
         "seqlen": "sequence length", "seed": "seed", "batch_size": "batch size", "mode": "search mode",
@@ -104,8 +114,15 @@ def _search_section(search: dict | None) -> str:
     }
     rows = [[labels.get(k, k), ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)]
             for k, v in search.items() if not isinstance(v, dict)]
+    metrics = metrics or {}
+    if metrics.get("calibration_ppl_base") is not None:
+        rows.append(["calibration perplexity, base", _fmt_float(metrics["calibration_ppl_base"])])
+    if metrics.get("calibration_ppl_pruned") is not None:
+        rows.append(["calibration perplexity, after the search", _fmt_float(metrics["calibration_ppl_pruned"])])
+    if metrics.get("stop_reason"):
+        rows.append(["stopped because", str(metrics["stop_reason"])])
     return "Greedy training-free search (Mamba-Shedder): at each step remove the unit whose removal gives the " \
-        "lowest calibration perplexity.\n\n" + _table(["setting", "value"], rows)
+        "lowest calibration perplexity.\n\n" + _table(["setting", "value"], rows) + made_with
 
 
 def _results_section(evals: dict | None) -> str:
@@ -168,9 +185,22 @@ def _speed_section(speed: dict | None) -> str:
     return SpeedComparison.from_dict(speed).to_markdown()
 
 
-def _load_section(repo: str, has_remote_code: bool, plain_export: str | None) -> str:
+def _load_section(repo: str, has_remote_code: bool, plain_export: str | None, is_plain: bool = False) -> str:
+    if is_plain:
+        return "\n".join([
+            "This is a plain export: a stock-architecture checkpoint (whole blocks removed) that loads with "
+            "Transformers alone:",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+            "```",
+            "",
+            f"`{PLAN_FILE}` records which units were removed.",
+        ])
     parts = [
-        "With hf_shedder installed (`pip install hf_shedder`):",
+        f"With hf_shedder installed ({INSTALL_HINT}):",
         "",
         "```python",
         "import hf_shedder  # registers the pruned architecture with AutoModelForCausalLM",
@@ -213,7 +243,9 @@ def _load_section(repo: str, has_remote_code: bool, plain_export: str | None) ->
 def render_model_card(context: dict[str, Any], template: str | os.PathLike[str] | None = None) -> str:
     """Render the card. Context keys (all optional; missing ones are reported as not measured):
     ``repo_id``, ``title``, ``base_model``, ``family``, ``units`` (list of unit dicts, removal order),
-    ``params_before``, ``params_after``, ``search`` (settings dict), ``eval`` (``eval_results.json``:
+    ``params_before``, ``params_after``, ``search`` (settings dict; absent: the plan was applied as given),
+    ``search_metrics`` (calibration perplexities), ``versions``, ``export`` ("plain" for a stock checkpoint),
+    ``eval`` (``eval_results.json``:
     {"base": {...}, "pruned": {...}}), ``recovery`` (settings dict), ``speed`` (``SpeedComparison.to_dict()``),
     ``has_remote_code`` (bool), ``plain_export`` (subfolder name)."""
     c = dict(context)
@@ -227,29 +259,32 @@ def render_model_card(context: dict[str, Any], template: str | os.PathLike[str] 
     if c.get("family"):
         front.append(f"  - {c['family']}")
     pb, pa = c.get("params_before"), c.get("params_after")
-    summary = (
-        f"A structurally pruned version of `{base or NOT_MEASURED}`"
-        + (f" ({c['family']})" if c.get("family") else "")
-        + f": {len(units) if units is not None else NOT_MEASURED} units removed by a training-free Mamba-Shedder "
-        "search"
-        + (f", keeping {100 * pa / pb:.1f}% of the parameters" if pb and pa else "")
-        + "."
-    )
+    searched = bool(c.get("search"))
+    # only what is known goes into the sentence; the sections below say what was not measured
+    summary = (f"A structurally pruned version of `{base}`" if base else "A structurally pruned model") + (
+        f" ({c['family']})" if c.get("family") else "")
+    if units is not None:
+        how = "by a training-free Mamba-Shedder search" if searched else "following a given pruning plan"
+        summary += f": {len(units)} units removed {how}"
+    if pb and pa:
+        summary += f", keeping {100 * pa / pb:.1f}% of the parameters"
+    summary += "."
     base_section = (
-        f"`{base}`" + (f" (family: {c['family']})" if c.get("family") else "") if base else f"Base model: {NOT_MEASURED}."
+        f"`{base}`" + (f" (family: {c['family']})" if c.get("family") else "") if base else "Base model: not recorded."
     )
     values = {
         "front_matter": "\n".join(front),
         "title": title,
         "summary": summary,
         "base_model_section": base_section,
-        "removed_section": _removed_section(units),
+        "removed_section": _removed_section(units, searched),
         "params_section": _params_section(pb, pa),
-        "search_section": _search_section(c.get("search")),
+        "search_section": _search_section(c.get("search"), c.get("search_metrics"), c.get("versions")),
         "results_section": _results_section(c.get("eval")),
         "recovery_section": _recovery_section(c.get("recovery")),
         "speed_section": _speed_section(c.get("speed")),
-        "load_section": _load_section(repo, bool(c.get("has_remote_code")), c.get("plain_export")),
+        "load_section": _load_section(repo, bool(c.get("has_remote_code")), c.get("plain_export"),
+                                      c.get("export") == "plain"),
     }
     text = Path(template or template_path()).read_text(encoding="utf-8")
     return Template(text).substitute(values)
@@ -269,25 +304,39 @@ def card_context_from_dir(folder: str | os.PathLike[str], repo_id: str | None = 
         raise HubError(f"{d} is not a model folder (no config.json)")
     config = _read_json(d / "config.json")
     ctx: dict[str, Any] = {"repo_id": repo_id}
-    provenance = config.get("provenance") or {}
+    try:
+        provenance = folder_provenance(d)
+    except CheckpointError as e:
+        raise HubError(str(e)) from e
     plan = config.get("plan") or {}
     ctx["base_model"] = provenance.get("base_model")
     ctx["family"] = plan.get("family")
     if "units" in plan:
         ctx["units"] = plan["units"]
-    if config.get("model_type") == "hf_shedder":
+    if config.get("model_type") == "hf_shedder" or (d / PLAN_FILE).is_file():
         from hf_shedder.commands.info import describe
 
         info = describe(str(d))  # parameter counts from the base skeleton with and without the plan
         ctx.update({k: info[k] for k in ("params_before", "params_after", "family") if info.get(k) is not None})
         ctx["units"] = info["removed"]
+        ctx["export"] = info["export"]
         ctx["base_model"] = ctx["base_model"] or info.get("base_model")
+    metrics = provenance.get("metrics") or {}
+    for key in ("params_before", "params_after"):
+        if ctx.get(key) is None and metrics.get(key) is not None:
+            ctx[key] = metrics[key]
+    if provenance.get("search"):
+        ctx["search"] = search_settings_for_card(provenance["search"])
+    ctx["search_metrics"] = metrics or None
+    ctx["versions"] = provenance.get("versions")
     if (d / SEARCH_FILE).is_file():
         search = _read_json(d / SEARCH_FILE)
         for key in ("base_model", "family", "units", "params_before", "params_after"):
             if search.get(key) is not None:
                 ctx[key] = search[key]
-        ctx["search"] = search.get("settings")
+        ctx["search"] = search.get("settings") or ctx.get("search")
+        ctx["search_metrics"] = search.get("metrics") or ctx["search_metrics"]
+        ctx["versions"] = search.get("versions") or ctx["versions"]
     if (d / EVAL_FILE).is_file():
         ctx["eval"] = _read_json(d / EVAL_FILE)
         for label, key in (("base", "params_before"), ("pruned", "params_after")):
@@ -373,6 +422,7 @@ def push_to_hub(
         raise HubError(f"--repo must look like 'user/name', got {repo_id!r}")
     files = files_to_upload(folder)
     tok = resolve_token(token)
+    import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -385,6 +435,13 @@ def push_to_hub(
         )
     except OfflineModeIsEnabled as e:
         raise HubError(f"cannot push to {repo_id}: Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1)") from e
-    except (HfHubHTTPError, ConnectionError, OSError) as e:
+    except HfHubHTTPError as e:  # the Hub answered with an error (bad token, no permission, ...)
+        raise HubError(f"push to {repo_id} failed: {type(e).__name__}: {e}") from e
+    except (httpx.TransportError, ConnectionError) as e:  # huggingface_hub 1.x raises httpx's own errors
+        raise HubError(
+            f"push to {repo_id} failed: cannot reach the Hugging Face Hub ({type(e).__name__}: {e}); "
+            "check the network connection (or proxy settings) and try again"
+        ) from e
+    except (httpx.HTTPError, OSError) as e:
         raise HubError(f"push to {repo_id} failed: {type(e).__name__}: {e}") from e
     return str(getattr(info, "commit_url", info))

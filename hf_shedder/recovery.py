@@ -7,15 +7,18 @@ the loss on the response tokens only, one epoch, AdamW with a linear schedule an
 LoRA targets come from the model family's adapter, so they are modules that survive pruning. The
 adapter is merged with ``merge_and_unload()`` and the model is saved so that it still loads with
 ``AutoModelForCausalLM.from_pretrained`` as the same pruned model (same plan; the recovery settings are
-added to the provenance). ``Trainer`` checkpoints live in ``<output_dir>/checkpoints``; a rerun resumes
-from the last one.
+added to the provenance). ``Trainer`` checkpoints live in ``<output_dir>/checkpoints`` with a record of
+the run's settings (``recovery_run.json``); a rerun resumes from the last one only when its settings
+match that record.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -29,12 +32,14 @@ import transformers
 from torch import nn
 
 from .arch import get_adapter
-from .data import read_json_rows, render_alpaca
+from .data import read_json_rows, render_alpaca, require_special_tokens
 from .errors import DataError, RecoveryError
 
 DEFAULT_DATA = "yahma/alpaca-cleaned"
 BUNDLED_DATA = "bundled"
 CHECKPOINT_SUBDIR = "checkpoints"
+RUN_FILE = "recovery_run.json"  # beside the Trainer checkpoints: the settings they were trained with
+_CHECKPOINT_RE = re.compile(r"^checkpoint-\d+$")
 RECOVERY_FILE = "recovery.json"  # read by hf_shedder.hub for the model card
 PLAN_FILE = "shedder_plan.json"
 # Results of earlier stages that stay true after recovery; copied so the card of OUT can show them.
@@ -271,6 +276,150 @@ def _last_checkpoint(folder: str) -> str | None:
     return get_last_checkpoint(folder) if os.path.isdir(folder) else None
 
 
+def _dataset_fingerprint(*parts: Any) -> str:
+    """Hash of the exact token ids and labels (train, then validation), as trained on."""
+    h = hashlib.sha256()
+    for ds in parts:
+        h.update(b"<none>" if ds is None else f"<{len(ds)}>".encode())
+        if ds is None:
+            continue
+        for row in ds:
+            h.update(json.dumps([row["input_ids"], row["labels"]]).encode())
+    return h.hexdigest()[:16]
+
+
+def run_identity(
+    model: nn.Module, lora: Any, args: Any, data_fingerprint: str, max_length: int, train_on_inputs: bool,
+    val_size: int | float,
+) -> dict[str, Any]:
+    """Everything a checkpoint's training depends on (flat, so that differences can be named): checkpoints
+    are resumed only by a run whose identity is the same."""
+    from .search.settings import model_identity
+
+    model_id = model_identity(model)
+    targets = lora.target_modules
+    return {
+        "model.architecture_sha": model_id["architecture_sha"],
+        "model.weights_checksum": model_id["weights_checksum"],
+        "model.dtype": model_id["dtype"],
+        "data_fingerprint": data_fingerprint,
+        "max_length": max_length,
+        "train_on_inputs": train_on_inputs,
+        "val_size": val_size,
+        "lora_r": lora.r,
+        "lora_alpha": lora.lora_alpha,
+        "lora_dropout": lora.lora_dropout,
+        "lora_bias": lora.bias,
+        "target_modules": targets if isinstance(targets, str) else sorted(targets or []),
+        "learning_rate": args.learning_rate,
+        "lr_scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+        "warmup_steps": args.warmup_steps,
+        "weight_decay": args.weight_decay,
+        "optimizer": str(getattr(args.optim, "value", args.optim)),
+        "epochs": args.num_train_epochs,
+        "max_steps": args.max_steps,
+        "batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation": args.gradient_accumulation_steps,
+        "world_size": args.world_size,
+        "precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),
+        "seed": args.seed,
+    }
+
+
+def _read_run(folder: str) -> dict[str, Any] | None:
+    path = os.path.join(folder, RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f).get("identity")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
+def _choose_checkpoint(folder: str, resume: bool | str | None, overwrite: bool, identity: dict[str, Any]) -> str | None:
+    """The checkpoint to resume from, or None to start afresh; RecoveryError (nothing written) when the
+    checkpoints in ``folder`` belong to a run with other settings."""
+    again = "pass --overwrite (overwrite=True) to delete them and start again"
+    if isinstance(resume, str):
+        if not os.path.isdir(resume):
+            raise RecoveryError(f"checkpoint folder not found: {resume}")
+        old = _read_run(os.path.dirname(os.path.abspath(resume)))
+        if old is not None and _differences(old, identity):
+            raise RecoveryError(f"{resume} was trained with other settings ({'; '.join(_differences(old, identity))})")
+        return resume
+    if overwrite:
+        return None  # the old checkpoints are deleted once every check has passed
+    last = _last_checkpoint(folder)
+    if last is None:
+        if resume:
+            raise RecoveryError(f"resume requested but {folder} holds no Trainer checkpoint")
+        return None
+    if resume is False:
+        raise RecoveryError(f"{folder} holds checkpoints of an earlier run ({os.path.basename(last)}); {again}")
+    old = _read_run(folder)
+    if old is None:
+        raise RecoveryError(
+            f"{folder} holds checkpoints ({os.path.basename(last)}) but no {RUN_FILE} recording the settings they "
+            f"were trained with, so they cannot be resumed safely; {again}"
+        )
+    diffs = _differences(old, identity)
+    if diffs:
+        raise RecoveryError(
+            f"{folder} holds checkpoints of a run with other settings ({'; '.join(diffs)}): rerun with the same "
+            f"settings to resume it, or {again}"
+        )
+    return last
+
+
+def _clear_checkpoints(folder: str) -> None:
+    """Delete the Trainer checkpoints and the run record in ``folder`` (nothing else)."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if _CHECKPOINT_RE.match(name) and os.path.isdir(path):
+            shutil.rmtree(path)
+    if os.path.isfile(os.path.join(folder, RUN_FILE)):
+        os.remove(os.path.join(folder, RUN_FILE))
+
+
+def _remove_if_untrained(folder: str, output_dir: str, existed: dict[str, bool]) -> None:
+    """After a failure before the first checkpoint: leave no checkpoint folder (or empty OUT) behind."""
+    if _last_checkpoint(folder) is not None:
+        return
+    if not existed[folder]:
+        shutil.rmtree(folder, ignore_errors=True)
+    elif os.path.isfile(os.path.join(folder, RUN_FILE)):
+        os.remove(os.path.join(folder, RUN_FILE))
+    if not existed[output_dir] and os.path.isdir(output_dir) and not os.listdir(output_dir):
+        os.rmdir(output_dir)
+
+
+def mean_logged_loss(log_history: Sequence[dict[str, Any]], resumed_step: int = 0) -> tuple[float | None, int]:
+    """Mean training loss over the logged steps and how many steps that is.
+
+    Each logged ``loss`` is the mean over the steps since the previous log (after a resume: since the
+    resumed step), so it is weighted by that many steps. Trainer's own ``training_loss`` divides the
+    loss of this process's steps by all steps, resumed ones included, so it is wrong after a resume.
+    """
+    total, steps, prev = 0.0, 0, 0
+    for h in log_history:
+        if "loss" not in h:
+            continue
+        step = int(h["step"])
+        start = resumed_step if prev < resumed_step < step else prev
+        total += float(h["loss"]) * (step - start)
+        steps += step - start
+        prev = step
+    return (total / steps if steps else None), steps
+
+
 def merge_and_save(
     peft_model: Any,
     output_dir: str,
@@ -369,40 +518,57 @@ def recover(
     resumes from the last checkpoint in ``training_args.output_dir`` if there is one; False never; a path
     resumes from that checkpoint. ``val_size`` rows (or fraction) are held out to report the eval loss
     before and after. The model is trained and merged in place.
+
+    Checkpoints are resumed only when ``<checkpoints>/recovery_run.json`` shows they were trained with the
+    same model, data, LoRA and optimisation settings; otherwise RecoveryError asks for ``overwrite``, which
+    deletes them. Every check runs before anything is written.
     """
     if os.path.isfile(os.path.join(output_dir, "config.json")) and not overwrite:
         raise RecoveryError(f"{output_dir} already holds a saved model; pass overwrite=True (--overwrite) to replace it")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if overwrite and resume:
+        raise RecoveryError("overwrite deletes the old checkpoints: it cannot be combined with resume")
+    require_special_tokens(tokenizer, "recovery tuning (padding batches, ending each example with eos)")
     tokenizer.padding_side = "right"
     args = training_args if training_args is not None else default_training_args(
         os.path.join(output_dir, CHECKPOINT_SUBDIR))
-    # every check runs before anything is written
+    ckpt_dir = args.output_dir
     train_ds, val_ds, data_info = prepare_datasets(
         data, tokenizer, max_length=max_length, val_size=val_size, train_on_inputs=train_on_inputs, seed=args.seed
     )
+    lora = lora if lora is not None else default_lora_config(model)
+    identity = run_identity(model, lora, args, _dataset_fingerprint(train_ds, val_ds), max_length, train_on_inputs,
+                            val_size)  # before LoRA adds parameters to the model
+    checkpoint = _choose_checkpoint(ckpt_dir, resume, overwrite, identity)
     # Seed before LoRA's random init (Trainer seeds only later), so identical runs give identical models.
     transformers.set_seed(args.seed)
     peft_model = attach_lora(model, lora)
-    checkpoint: str | None = None
-    if resume is None:
-        checkpoint = _last_checkpoint(args.output_dir)
-    elif isinstance(resume, str):
-        if not os.path.isdir(resume):
-            raise RecoveryError(f"checkpoint folder not found: {resume}")
-        checkpoint = resume
-    elif resume:
-        checkpoint = _last_checkpoint(args.output_dir)
-        if checkpoint is None:
-            raise RecoveryError(f"resume requested but {args.output_dir} holds no Trainer checkpoint")
 
-    trainer = build_trainer(peft_model, tokenizer, train_ds, val_ds, args)
-    start = time.perf_counter()
-    before = trainer.evaluate()["eval_loss"] if (val_ds is not None and eval_before and checkpoint is None) else None
-    train_out = trainer.train(resume_from_checkpoint=checkpoint)
+    # every check has passed: from here on files are written
+    existed = {ckpt_dir: os.path.isdir(ckpt_dir), output_dir: os.path.isdir(output_dir)}
+    if overwrite:
+        _clear_checkpoints(ckpt_dir)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    with open(os.path.join(ckpt_dir, RUN_FILE), "w") as f:
+        json.dump({"format": "hf_shedder.recovery_run/1", "identity": identity}, f, indent=2)
+    resumed_step = 0
+    if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            resumed_step = int(json.load(f).get("global_step") or 0)
+    try:
+        trainer = build_trainer(peft_model, tokenizer, train_ds, val_ds, args)
+        start = time.perf_counter()
+        before = trainer.evaluate()["eval_loss"] if (val_ds is not None and eval_before and checkpoint is None) else None
+        train_out = trainer.train(resume_from_checkpoint=checkpoint)
+    except BaseException:
+        if checkpoint is None:
+            _remove_if_untrained(ckpt_dir, output_dir, existed)
+        raise
     after = trainer.evaluate()["eval_loss"] if val_ds is not None else None
     seconds = time.perf_counter() - start
     losses = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
+    mean_loss, mean_steps = mean_logged_loss(trainer.state.log_history, resumed_step)
+    if mean_loss is None and checkpoint is None:  # nothing logged: Trainer's mean is right for a fresh run
+        mean_loss, mean_steps = float(train_out.training_loss), trainer.state.global_step
 
     lora_cfg = peft_model.peft_config["default"]
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -434,7 +600,8 @@ def recover(
         "device": str(args.device),
         "train_loss_first": losses[0][1] if losses else None,
         "train_loss_last": losses[-1][1] if losses else None,
-        "train_loss_mean": float(train_out.training_loss),
+        "train_loss_mean": mean_loss,
+        "train_loss_mean_steps": mean_steps,
         "eval_loss_before": before,
         "eval_loss_after": after,
         "resumed_from": checkpoint,

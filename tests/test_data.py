@@ -10,11 +10,14 @@ import torch
 
 from hf_shedder.data import (
     CalibrationSet,
+    bundled_tokenizer_file,
     load_calibration,
     load_eval_text,
     load_tokenizer,
+    output_tokenizer,
     read_local_texts,
     read_texts,
+    require_special_tokens,
     valid_sources,
 )
 from hf_shedder.errors import DataError
@@ -34,6 +37,50 @@ def test_bundled_tokenizer_is_gpt_neox(tok) -> None:
 def test_unknown_hub_tokenizer_fails_clearly_offline() -> None:
     with pytest.raises(DataError, match="cannot load tokenizer.*bundled GPT-NeoX"):
         load_tokenizer("no-such-user/no-such-tokenizer-hf-shedder")
+
+
+def test_folder_with_only_tokenizer_json_gets_gpt_neox_special_tokens(tok) -> None:
+    import os
+
+    folder = os.path.dirname(bundled_tokenizer_file())
+    assert os.listdir(folder) == ["tokenizer.json"]  # no tokenizer_config.json naming the special tokens
+    t = load_tokenizer(folder)
+    assert t.eos_token == t.bos_token == t.pad_token == "<|endoftext|>" and t.eos_token_id == 0
+    assert t("Hello world").input_ids == tok("Hello world").input_ids
+    require_special_tokens(t, "a test")  # no error
+
+
+def test_tokenizer_without_eos_fails_with_a_clear_error() -> None:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    t = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")))
+    with pytest.raises(DataError, match="defines no eos or pad token, which padding needs"):
+        require_special_tokens(t, "padding")
+    require_special_tokens(t, "nothing", eos=False, pad=False)
+
+
+def test_missing_tokenizer_folder_is_not_called_a_hub_name(tmp_path) -> None:
+    for name in ("/nonexistent_dir_hf_shedder", str(tmp_path / "gone"), "./no/such/tok"):
+        with pytest.raises(DataError, match="no such folder") as err:
+            load_tokenizer(name)
+        assert "hub name" not in str(err.value)
+
+
+def test_output_tokenizer_falls_back_to_the_bundled_one_only_for_neox_sized_vocabularies(tmp_path) -> None:
+    import shutil
+
+    with_json = tmp_path / "with_json"
+    with_json.mkdir()
+    shutil.copy(bundled_tokenizer_file(), with_json)
+    t = output_tokenizer(str(with_json), 50304)
+    assert t is not None and t.eos_token == t.pad_token == "<|endoftext|>"
+    t.save_pretrained(tmp_path / "saved")
+    assert load_tokenizer(str(tmp_path / "saved")).eos_token == "<|endoftext|>"
+    # an offline hub name (no tokenizer to be had): the bundled one for a GPT-NeoX-sized model, else nothing
+    assert output_tokenizer("no-such-user/no-such-model-hf-shedder", 50280).eos_token == "<|endoftext|>"
+    assert output_tokenizer("no-such-user/no-such-model-hf-shedder", 128) is None
+    assert output_tokenizer("no-such-user/no-such-model-hf-shedder", None) is None
 
 
 def _stream(tok, source: str) -> torch.Tensor:

@@ -165,6 +165,19 @@ def test_push_errors(pruned_dir: Path, monkeypatch, tmp_path, capsys) -> None:
         files_to_upload(empty)
 
 
+def test_push_without_a_network_is_a_clear_error(pruned_dir: Path, monkeypatch, capsys) -> None:
+    import httpx
+
+    def unreachable(self, repo_id, **kw):  # noqa: ANN001, ANN003, ANN202
+        raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", unreachable)
+    with pytest.raises(HubError, match="cannot reach the Hugging Face Hub .*ConnectError"):
+        push_to_hub(pruned_dir, "someone/x", token="hf_fake")
+    assert main(["push", str(pruned_dir), "--repo", "someone/x", "--token", "hf_fake"]) == 2
+    assert "cannot reach the Hugging Face Hub" in capsys.readouterr().err
+
+
 def test_eval_on_a_folder_that_is_not_a_model(tmp_path, capsys) -> None:
     assert main(["eval", str(tmp_path), "--ppl", "bundled"]) == 2
     assert "not a saved model directory" in capsys.readouterr().err

@@ -115,24 +115,136 @@ def test_settings_are_recorded(trained) -> None:  # noqa: ANN001
     assert Plan.load(os.path.join(out, rec.PLAN_FILE)) == trained["model"].plan
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path) -> None:  # noqa: ANN001
+class _Crash(Exception):
+    pass
+
+
+def _crashing_at(monkeypatch, step: int) -> None:  # noqa: ANN001
+    """Make the next recover() die when training reaches ``step`` (after the checkpoints before it)."""
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN003, ANN201
+            if state.global_step + 1 == step:
+                raise _Crash(f"simulated crash at step {step}")
+
+    original = rec.build_trainer
+
+    def build(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        trainer = original(*a, **k)
+        trainer.add_callback(Crash())
+        monkeypatch.setattr(rec, "build_trainer", original)  # only this run crashes
+        return trainer
+
+    monkeypatch.setattr(rec, "build_trainer", build)
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     tok = word_tokenizer()
-    ckpt = str(tmp_path / "checkpoints")
-    # a constant schedule, so that a 2-step run is the first half of a 4-step run
     straight = recover(pruned_tiny(), tok, "bundled", str(tmp_path / "a"), max_length=MAXLEN,
-                       training_args=args_for(str(tmp_path / "a"), 4, lr_scheduler_type="constant"))
-    # "interrupted" run: stops after 2 steps, leaving checkpoint-2 behind
-    first = recover(pruned_tiny(), tok, "bundled", str(tmp_path / "b"), max_length=MAXLEN,
-                    training_args=args_for(str(tmp_path / "b"), 2, ckpt, lr_scheduler_type="constant"))
-    assert first.resumed_from is None
-    assert os.path.isdir(os.path.join(ckpt, "checkpoint-2"))
-    resumed = recover(pruned_tiny(), tok, "bundled", str(tmp_path / "c"), max_length=MAXLEN,
-                      training_args=args_for(str(tmp_path / "c"), 4, ckpt, lr_scheduler_type="constant"))
+                       training_args=args_for(str(tmp_path / "a"), 4, save_steps=2))
+    # the same run, killed at step 3 (checkpoint-2 is on disk), then started again with the same settings
+    out = str(tmp_path / "b")
+    _crashing_at(monkeypatch, 3)
+    with pytest.raises(_Crash):
+        recover(pruned_tiny(), tok, "bundled", out, max_length=MAXLEN, training_args=args_for(out, 4, save_steps=2))
+    assert os.path.isdir(os.path.join(out, "checkpoints", "checkpoint-2"))  # a failure keeps what was trained
+    resumed = recover(pruned_tiny(), tok, "bundled", out, max_length=MAXLEN,
+                      training_args=args_for(out, 4, save_steps=2))
     assert resumed.resumed_from.endswith("checkpoint-2")
     assert resumed.settings["steps"] == 4
     sd_a, sd_c = straight.model.state_dict(), resumed.model.state_dict()
     for k in sd_a:
         torch.testing.assert_close(sd_c[k], sd_a[k], atol=1e-5, rtol=1e-4, msg=k)
+    # the mean loss covers all 4 steps (2 before the crash, 2 after), not this process's 2 divided by 4
+    per_step = [v for _, v in resumed.losses]
+    assert len(per_step) == 4 and resumed.settings["train_loss_mean_steps"] == 4
+    assert resumed.settings["train_loss_mean"] == pytest.approx(sum(per_step) / 4)
+    assert resumed.settings["train_loss_mean"] == pytest.approx(straight.settings["train_loss_mean"], rel=1e-4)
+
+
+def test_mean_logged_loss_weights_each_log_by_its_steps() -> None:
+    history = [{"loss": 4.0, "step": 10}, {"loss": 2.0, "step": 20}, {"loss": 1.0, "step": 25},
+               {"train_loss": 9.0, "step": 25}]
+    assert rec.mean_logged_loss(history) == (pytest.approx((40 + 20 + 5) / 25), 25)
+    # resumed at step 22 (steps 21-22 were never logged): the last log covers steps 23-25 only
+    assert rec.mean_logged_loss(history, resumed_step=22) == (pytest.approx((40 + 20 + 3) / 23), 23)
+
+
+def test_changed_settings_do_not_resume_old_checkpoints(tmp_path) -> None:  # noqa: ANN001
+    from peft import LoraConfig
+
+    tok, ckpt = word_tokenizer(), str(tmp_path / "checkpoints")
+    recover(pruned_tiny(), tok, "bundled", str(tmp_path / "a"), max_length=MAXLEN,
+            training_args=args_for(str(tmp_path / "a"), 2, ckpt))
+    before = sorted(os.listdir(ckpt))
+    assert "checkpoint-2" in before and rec.RUN_FILE in before
+    cases = [
+        ({"lora": LoraConfig(r=4, target_modules=["in_proj"], task_type="CAUSAL_LM")}, {}, "lora_r: 8 there, 4 now"),
+        ({}, {"learning_rate": 1e-3}, "learning_rate: 0.005 there, 0.001 now"),
+        ({}, {"max_steps": 3}, "max_steps: 2 there, 3 now"),
+        ({"max_length": MAXLEN - 8}, {}, "data_fingerprint"),
+    ]
+    for i, (kw, targs, message) in enumerate(cases):
+        out = tmp_path / f"b{i}"
+        kw = {"max_length": MAXLEN, **kw}
+        with pytest.raises(RecoveryError, match="--overwrite") as err:
+            recover(pruned_tiny(), tok, "bundled", str(out), training_args=args_for(str(out), 2, ckpt, **targs), **kw)
+        assert message in str(err.value)
+        assert not out.exists() and sorted(os.listdir(ckpt)) == before  # nothing written, nothing deleted
+    # another model (other weights, same shapes) is refused too
+    other = hf_shedder.prune(build_tiny("mamba2", num_layers=4, seed=1), Plan([Unit("ssm", 1), Unit("block", 2)]))
+    with pytest.raises(RecoveryError, match="weights_checksum"):
+        recover(other, tok, "bundled", str(tmp_path / "c"), max_length=MAXLEN,
+                training_args=args_for(str(tmp_path / "c"), 2, ckpt))
+    # resume=False refuses to train beside the old checkpoints (a later run would resume them)
+    with pytest.raises(RecoveryError, match="earlier run"):
+        recover(pruned_tiny(), tok, "bundled", str(tmp_path / "d"), max_length=MAXLEN,
+                training_args=args_for(str(tmp_path / "d"), 2, ckpt), resume=False)
+    # checkpoints without a record of their settings are not resumed blindly
+    os.remove(os.path.join(ckpt, rec.RUN_FILE))
+    with pytest.raises(RecoveryError, match="no recovery_run.json"):
+        recover(pruned_tiny(), tok, "bundled", str(tmp_path / "e"), max_length=MAXLEN,
+                training_args=args_for(str(tmp_path / "e"), 2, ckpt))
+
+
+def test_overwrite_starts_afresh(tmp_path) -> None:  # noqa: ANN001
+    from peft import LoraConfig
+
+    tok, ckpt = word_tokenizer(), str(tmp_path / "checkpoints")
+    recover(pruned_tiny(), tok, "bundled", str(tmp_path / "a"), max_length=MAXLEN,
+            training_args=args_for(str(tmp_path / "a"), 4, ckpt, save_steps=4))
+    assert "checkpoint-4" in os.listdir(ckpt)
+    lora = LoraConfig(r=4, target_modules=["in_proj"], task_type="CAUSAL_LM")
+    res = recover(pruned_tiny(), tok, "bundled", str(tmp_path / "a"), max_length=MAXLEN, lora=lora, overwrite=True,
+                  training_args=args_for(str(tmp_path / "a"), 2, ckpt))
+    assert res.resumed_from is None and res.settings["steps"] == 2 and res.settings["lora_r"] == 4
+    assert sorted(n for n in os.listdir(ckpt) if n.startswith("checkpoint")) == ["checkpoint-2"]
+    assert len(res.losses) == 2
+    with pytest.raises(RecoveryError, match="cannot be combined"):
+        recover(pruned_tiny(), tok, "bundled", str(tmp_path / "a"), overwrite=True, resume=True,
+                training_args=args_for(str(tmp_path / "a"), 2, ckpt))
+
+
+def test_failure_before_the_first_checkpoint_leaves_nothing(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    out = tmp_path / "out"
+    _crashing_at(monkeypatch, 1)
+    with pytest.raises(_Crash):
+        recover(pruned_tiny(), word_tokenizer(), "bundled", str(out), max_length=MAXLEN,
+                training_args=args_for(str(out), 2))
+    assert not out.exists()
+
+
+def test_tokenizer_without_eos_or_pad_is_refused_before_anything_is_written(tmp_path) -> None:  # noqa: ANN001
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="defines no eos or pad token, which recovery tuning"):
+        recover(pruned_tiny(), PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>"), "bundled", str(out),
+                training_args=args_for(str(out), 2))
+    assert not out.exists()
 
 
 def test_no_usable_rows(tmp_path) -> None:  # noqa: ANN001

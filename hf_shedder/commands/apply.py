@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 
 from ..arch import get_adapter
-from ..loading import count_parameters, load_model, load_tokenizer_for, parse_dtype
+from ..data import output_tokenizer
+from ..loading import count_parameters, load_model, parse_dtype
 from ..modeling import PrunedMambaForCausalLM
 from ..outputs import staged_directory
-from ..units import Plan
+from ..records import PLAN_FILE, PROVENANCE_FILE, library_versions
+from ..units import Plan, atomic_write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,12 +30,16 @@ def run(args: argparse.Namespace) -> int:
     before = count_parameters(model)
     pruned = PrunedMambaForCausalLM.from_base(model, plan, provenance={"base_model": args.model}, inplace=True)
     after = count_parameters(pruned)
+    pruned.config.provenance = {**pruned.config.provenance, "metrics": {"params_before": before, "params_after": after},
+                                "versions": library_versions()}
     export = None if args.export == "hf_shedder" else args.export
     with staged_directory(args.out, overwrite=args.overwrite) as tmp:
         pruned.save_pretrained(tmp, export=export)
         plan_full = pruned.config.get_plan()
-        plan_full.save(tmp / "shedder_plan.json")
-        tokenizer = load_tokenizer_for(args.model)
+        plan_full.save(tmp / PLAN_FILE)
+        if export == "plain":  # a stock config has no room for the provenance
+            atomic_write_json(tmp / PROVENANCE_FILE, pruned.config.provenance)
+        tokenizer = output_tokenizer(args.model, getattr(model.config, "vocab_size", None))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     print(f"pruned {plan.summary()}: {before:,} -> {after:,} parameters ({after / before:.1%}); saved to {args.out}")

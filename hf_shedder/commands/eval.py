@@ -33,16 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _tokenizer(model_path: str, name: str | None):
-    from ..data import load_tokenizer
-    from ..loading import load_tokenizer_for
+def _tokenizer(model_path: str, name: str | None) -> Any:
+    from ..data import tokenizer_for_model
 
-    if name:
-        return load_tokenizer(name)
-    tok = load_tokenizer_for(model_path) if os.path.isdir(model_path) else None
-    if tok is not None and tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok or load_tokenizer()
+    return tokenizer_for_model(model_path, name)
 
 
 def evaluate_model(path: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import os
 from ..config import ShedderConfig
 from ..errors import CheckpointError
 from ..loading import skeleton_parameters
+from ..records import PLAN_FILE, folder_plan, folder_provenance
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,19 +18,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def describe(model_dir: str) -> dict:
+    """What a pruned folder removed and its parameter counts: an hf_shedder checkpoint, or a plain export
+    (stock config + ``shedder_plan.json``; the base count comes from ``shedder_provenance.json`` if present)."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{model_dir} has no config.json: not a saved model directory")
     with open(path) as f:
         raw = json.load(f)
     if raw.get("model_type") != ShedderConfig.model_type:
-        raise CheckpointError(
-            f"{model_dir} is a plain {raw.get('model_type')!r} checkpoint, not an hf_shedder pruned model"
-        )
+        return _describe_plain(model_dir, raw)
     config = ShedderConfig.from_pretrained(model_dir)
     base, plan = config.get_base_config(), config.get_plan()
     before, after = skeleton_parameters(base), skeleton_parameters(base, plan)
     return {
+        "export": "hf_shedder",
         "base_model": config.provenance.get("base_model"),
         "base_model_type": base.model_type,
         "family": plan.family,
@@ -43,15 +45,47 @@ def describe(model_dir: str) -> dict:
     }
 
 
+def _describe_plain(model_dir: str, raw: dict) -> dict:
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(model_dir, PLAN_FILE)):
+        raise CheckpointError(
+            f"{model_dir} is a plain {raw.get('model_type')!r} checkpoint without {PLAN_FILE}: not an hf_shedder "
+            "pruned model (or a plain export whose plan file was removed)"
+        )
+    plan = folder_plan(model_dir)
+    provenance = folder_provenance(model_dir)
+    after = skeleton_parameters(AutoConfig.from_pretrained(model_dir))
+    before = (provenance.get("metrics") or {}).get("params_before")
+    return {
+        "export": "plain",
+        "base_model": provenance.get("base_model"),
+        "base_model_type": raw.get("model_type"),
+        "family": plan.family,
+        "num_layers": plan.num_layers,
+        "removed": [u.to_dict() for u in plan],
+        "summary": plan.summary(),
+        "params_before": before,
+        "params_after": after,
+        "params_ratio": after / before if before else None,
+        "provenance": provenance,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     info = describe(args.model_dir)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"base model : {info['base_model'] or 'unknown'} ({info['base_model_type']}, {info['num_layers']} layers)")
+    plain = " (plain export: a stock checkpoint, plan from shedder_plan.json)" if info["export"] == "plain" else ""
+    print(f"base model : {info['base_model'] or 'not recorded'} ({info['base_model_type']}, {info['num_layers']} "
+          f"layers){plain}")
     print(f"removed    : {info['summary']}")
     for i, u in enumerate(info["removed"]):
         extra = f" indices={u['indices']}" if u.get("indices") else ""
         print(f"  {i:3d}. {u['kind']:<12} layer {u['layer']}{extra}")
-    print(f"parameters : {info['params_before']:,} -> {info['params_after']:,} ({info['params_ratio']:.1%})")
+    if info["params_before"]:
+        print(f"parameters : {info['params_before']:,} -> {info['params_after']:,} ({info['params_ratio']:.1%})")
+    else:
+        print(f"parameters : {info['params_after']:,} (base count not recorded)")
     return 0

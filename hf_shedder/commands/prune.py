@@ -87,18 +87,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"work: {c['layer_evals']:,} layer evaluations, {c['head_evals']:,} head evaluations, {c['seconds']:.1f} s")
         print(f"wrote {args.out}/plan.json, trajectory.csv/json/png, journal.json")
     if args.apply and comm.is_main:
+        from ..data import complete_special_tokens
         from ..modeling import PrunedMambaForCausalLM
         from ..outputs import staged_directory
+        from ..records import search_provenance, write_search_record
 
         before = count_parameters(model)
-        provenance = {"base_model": args.model, "search": json.loads(json.dumps(settings.to_dict()))}
-        pruned = PrunedMambaForCausalLM.from_base(model, result.plan, provenance=provenance, inplace=True)
+        pruned = PrunedMambaForCausalLM.from_base(model, result.plan, inplace=True)
+        after = count_parameters(pruned)
+        # provenance for info / card: base model, search settings, calibration ppl, parameter counts, versions
+        pruned.config.provenance = search_provenance(
+            args.model, json.loads(json.dumps(settings.to_dict())), result.base_ppl, result.trajectory[-1]["ppl"],
+            before, after, result.stop_reason)
         target = Path(args.out) / "model"
         with staged_directory(target, overwrite=True) as tmp:
             pruned.save_pretrained(tmp, export="remote_code")
             pruned.config.get_plan().save(tmp / "shedder_plan.json")
-            tokenizer.save_pretrained(tmp)
-        after = count_parameters(pruned)
+            if complete_special_tokens(tokenizer).eos_token is not None:  # never save one that cannot pad
+                tokenizer.save_pretrained(tmp)
+            write_search_record(tmp, pruned.config.provenance, result.plan, result.trajectory, search_dir=args.out)
         print(f"pruned model: {before:,} -> {after:,} parameters ({after / before:.1%}); saved to {target}")
     comm.barrier()
     return 0

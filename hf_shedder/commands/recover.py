@@ -30,11 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-size", type=int, default=0,
                    help="rows held out to report the eval loss before/after (reference: 2000)")
     p.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps (resumable)")
-    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in OUT/checkpoints")
+    p.add_argument("--no-resume", action="store_true",
+                   help="never resume (refuses if OUT/checkpoints holds checkpoints: --overwrite deletes them)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's, else the bundled GPT-NeoX)")
     p.add_argument("--dtype", default="float32", help="weights dtype for training (default float32)")
     p.add_argument("--seed", type=int, default=REFERENCE_SETTINGS["seed"])
-    p.add_argument("--overwrite", action="store_true", help="replace a model already saved in OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model already saved in OUT and delete the checkpoints in OUT/checkpoints")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     s = result.settings
     if result.resumed_from:
         print(f"resumed from {result.resumed_from}")
-    loss = (f", train loss {s['train_loss_first']:.4f} -> {s['train_loss_last']:.4f} (logged)"
-            if result.losses else f", mean train loss {s['train_loss_mean']:.4f}")
+    loss = (f", train loss {s['train_loss_first']:.4f} -> {s['train_loss_last']:.4f} (logged)" if result.losses
+            else f", mean train loss {s['train_loss_mean']:.4f}" if s.get("train_loss_mean") is not None else "")
     print(f"LoRA r={s['lora_r']} on {', '.join(s['target_modules'])}: {s['steps']} steps on {s['rows_used']} rows{loss}")
     if result.eval_loss_after is not None:
         before = f"{result.eval_loss_before:.4f} -> " if result.eval_loss_before is not None else ""

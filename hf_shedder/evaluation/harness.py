@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from hf_shedder.data import require_special_tokens
 from hf_shedder.errors import EvalDependencyError, TaskError
 
 DEFAULT_TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa")
@@ -195,8 +196,7 @@ def evaluate_tasks(
         raise TaskError(
             f"unknown task(s) {', '.join(unknown)} for {where}; bundled offline tasks: {', '.join(DEFAULT_TASKS)}"
         )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    require_special_tokens(tokenizer, "zero-shot evaluation (lm-eval)")
     lm_kwargs: dict[str, Any] = {"batch_size": batch_size}
     if max_length is not None:
         lm_kwargs["max_length"] = max_length
