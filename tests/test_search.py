@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from hf_shedder.data import CalibrationSet, load_calibration, load_tokenizer
 from hf_shedder.errors import SearchError
 from hf_shedder.search import JOURNAL_NAME, SearchSettings, search
 from hf_shedder.search.evaluator import Evaluator
+from hf_shedder.search.settings import identity_hash
 from tests.tiny_models import VOCAB, build_tiny
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -174,6 +176,27 @@ def test_journal_written_with_other_settings_is_refused(tmp_path):
     # stopping rules are not part of the hash: a finished search can be extended
     longer = search(model, calib, _settings(steps=2), out_dir=tmp_path, progress=False)
     assert len(longer.plan) == 2
+
+
+def test_resume_with_the_same_model_at_another_path(tmp_path, saved_model, capsys):
+    """Architecture hash and weight checksum identify the model; its path is kept only for information."""
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(saved_model, copy)
+    out = tmp_path / "search"
+    common = ["--units", "ssm", "--calibration", "bundled", "--samples", "2", "--seqlen", "24",
+              "--batch-size", "2", "--out", str(out), "--device", "cpu", "--no-progress"]
+    assert main(["prune", "--model", str(saved_model), "--steps", "1", *common]) == 0
+    first = json.loads((out / JOURNAL_NAME).read_text())
+    assert main(["prune", "--model", str(copy), "--steps", "2", *common]) == 0, capsys.readouterr().err
+    journal = json.loads((out / JOURNAL_NAME).read_text())
+    assert journal["steps"][0] == first["steps"][0] and len(journal["steps"]) == 2
+    assert journal["base_model"] == str(saved_model)
+
+    # a journal written while the name was part of the identity is resumed too
+    journal["identity"]["model.name"] = "some/other/path"
+    journal["settings_hash"] = identity_hash(journal["identity"])
+    (out / JOURNAL_NAME).write_text(json.dumps(journal))
+    assert main(["prune", "--model", str(copy), "--steps", "2", *common]) == 0, capsys.readouterr().err
 
 
 def test_bad_settings_are_clear_errors():

@@ -105,7 +105,9 @@ class _Search:
         self.nb = self.ev.n_batches
         self.base_params = skeleton_parameters(model.config)
         self._removed_cache: dict[tuple, int] = {}
-        self.ident = identity(settings, model_identity(model), calibration.fingerprint())
+        model_id = model_identity(model)
+        self.model_name = model_id["name"]
+        self.ident = identity(settings, model_id, calibration.fingerprint())
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.journal = self._open_journal()
         self._last = self.ev.snapshot()
@@ -113,7 +115,7 @@ class _Search:
 
     # ------------------------------------------------------------------ journal
     def _open_journal(self) -> dict[str, Any]:
-        fresh = new_journal(self.settings.to_dict(), self.ident, self.ident.get("model.name"))
+        fresh = new_journal(self.settings.to_dict(), self.ident, self.model_name)
         if self.out_dir is None:
             return fresh
         path = self.out_dir / JOURNAL_NAME

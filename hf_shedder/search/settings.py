@@ -96,8 +96,13 @@ class SearchSettings:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+# Model identity fields kept in the journal for information only: the same weights loaded from another
+# path (or hub name) are the same model, so the name must not block a resume.
+INFO_ONLY = frozenset({"model.name"})
+
+
 def model_identity(model: torch.nn.Module) -> dict[str, Any]:
-    """Name, architecture hash and a weight checksum: a journal of another model is refused."""
+    """Name, architecture hash and a weight checksum (the hash and checksum identify the model)."""
     cfg = model.config.to_dict()
     for k in ("_name_or_path", "dtype", "torch_dtype", "transformers_version", "architectures", "_attn_implementation"):
         cfg.pop(k, None)
@@ -116,7 +121,7 @@ def model_identity(model: torch.nn.Module) -> dict[str, Any]:
 def identity(settings: SearchSettings, model_id: dict[str, Any], calibration_fingerprint: str) -> dict[str, Any]:
     """Everything that must match for a journal to be resumed (flat, so differences can be named)."""
     out = {k: v for k, v in settings.to_dict().items() if k not in NOT_IN_HASH}
-    out.update({f"model.{k}": v for k, v in model_id.items()})
+    out.update({f"model.{k}": v for k, v in model_id.items() if f"model.{k}" not in INFO_ONLY})
     out["calibration_fingerprint"] = calibration_fingerprint
     return out
 
