@@ -8,10 +8,12 @@ import shutil
 import pytest
 import torch
 
+from hf_shedder.arch import get_adapter
 from hf_shedder.cli import main
 from hf_shedder.data import CalibrationSet, load_calibration, load_tokenizer
 from hf_shedder.errors import SearchError
 from hf_shedder.search import JOURNAL_NAME, SearchSettings, search
+from hf_shedder.search.engine import max_removable
 from hf_shedder.search.evaluator import Evaluator
 from hf_shedder.search.settings import identity_hash
 from tests.tiny_models import VOCAB, build_tiny
@@ -207,6 +209,34 @@ def test_bad_settings_are_clear_errors():
         _settings(target_params=1.5)
     with pytest.raises(SearchError, match="normalize"):
         _settings(normalize="flops")
+
+
+def test_steps_are_checked_against_what_one_plan_can_remove():
+    """A layer's last SSM head group goes only with its SSM: 4 groups per layer, 3 removable."""
+    model = build_tiny("mamba2", num_layers=3)
+    adapter = get_adapter(model)
+    assert len(adapter.candidates(adapter.empty_plan(), ("ssm_heads",))) == 12
+    assert max_removable(adapter, ("ssm_heads",)) == 9
+    assert max_removable(adapter, ("ssm_heads",), limit=4) == 4
+    # nested kinds: heads, then the SSM, then the block of every layer
+    assert max_removable(adapter, ("block", "ssm", "ssm_heads")) == 15
+    assert max_removable(adapter, ("ssm", "block")) == 6
+    with pytest.raises(SearchError, match=r"steps=10 is more than the 9 removable ssm_heads units(.|\n)*at most 9"):
+        search(model, _calib(), _settings(units=("ssm_heads",), steps=10), progress=False)
+
+
+def test_cli_says_why_a_search_stopped_early(tmp_path, saved_model, capsys):
+    """With ssm,block every unit may go, but only if each SSM goes before its block; the search does not
+    plan for that, so it can run out of candidates: the CLI says so instead of stopping silently."""
+    out = tmp_path / "search"
+    argv = ["prune", "--model", str(saved_model), "--units", "ssm,block", "--steps", "8", "--calibration",
+            "bundled", "--samples", "2", "--seqlen", "24", "--batch-size", "2", "--out", str(out), "--device", "cpu",
+            "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    n = len(json.loads((out / "plan.json").read_text())["units"])
+    assert n < 8 and "(no_candidates)" in printed
+    assert f"note: stopped after {n} of 8 steps: no removable ssm,block unit is left" in printed
 
 
 def test_stopping_rules_and_outputs(tmp_path):

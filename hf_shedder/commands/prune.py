@@ -82,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if comm.is_main:
         c = result.counters
         print(f"plan: {[str(u) for u in result.plan]} ({result.stop_reason})")
+        if result.stop_reason == "no_candidates":
+            print(f"note: stopped after {len(result.plan)} of {args.steps} steps: no removable {args.units} unit "
+                  "is left (removing a unit can take others with it, e.g. a block the units inside it)")
         print(f"perplexity {result.base_ppl:.4g} -> {result.trajectory[-1]['ppl']:.4g}; parameters "
               f"{result.base_params:,} -> {result.trajectory[-1]['params']:,}")
         print(f"work: {c['layer_evals']:,} layer evaluations, {c['head_evals']:,} head evaluations, {c['seconds']:.1f} s")

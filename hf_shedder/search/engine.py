@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import get_adapter
+from ..arch.base import ArchAdapter
 from ..data import CalibrationSet
 from ..distributed import Comm
 from ..errors import DataError, SearchError
@@ -56,6 +57,28 @@ class SearchResult:
     def candidate_ppls(self) -> list[dict[str, float | None]]:
         """Per step: candidate key -> perplexity (None when abandoned or raced out)."""
         return [{c["unit"]: c["ppl"] for c in s["candidates"]} for s in self.steps]
+
+
+def max_removable(adapter: ArchAdapter, kinds: tuple[str, ...], limit: int | None = None) -> int:
+    """How many units of ``kinds`` one plan can remove (counting stops at ``limit``).
+
+    Greedy through the adapter's own rules: each step removes a unit that leaves the most candidates
+    (the first that costs no other candidate, when there is one). Where units nest (a block holds its
+    SSM and heads; a layer's last head group goes only with its SSM) this is the true maximum: the
+    inner units go first, then the ones holding them.
+    """
+    plan, n = adapter.empty_plan(), 0
+    cands = adapter.candidates(plan, kinds)
+    while cands and (limit is None or n < limit):
+        best, best_left = None, None
+        for unit in cands:
+            left = adapter.candidates(plan.extended(unit), kinds)
+            if best_left is None or len(left) > len(best_left):
+                best, best_left = unit, left
+            if len(left) >= len(cands) - 1:  # costs nothing else: no other choice does better
+                break
+        plan, cands, n = plan.extended(best), best_left, n + 1
+    return n
 
 
 def _mean(values: list[float | None], n_valid: int) -> float:
@@ -90,11 +113,15 @@ class _Search:
         self.adapter.clear_mask()
         self.empty = self.adapter.empty_plan()
         initial = self.adapter.candidates(self.empty, settings.units)
-        if settings.steps > len(initial):
+        reachable = max_removable(self.adapter, settings.units, limit=settings.steps)
+        if settings.steps > reachable:
+            why = "" if reachable == len(initial) else (
+                f" (of {len(initial)} candidates, at most {reachable} can be removed in any order: removing a "
+                "unit can take others with it, e.g. a block the units inside it)")
             raise SearchError(
-                f"steps={settings.steps} is more than the {len(initial)} removable "
-                f"{'/'.join(settings.units)} units of this {self.adapter.num_layers()}-layer model; "
-                f"use --steps {len(initial)} or fewer"
+                f"steps={settings.steps} is more than the {reachable} removable "
+                f"{'/'.join(settings.units)} units of this {self.adapter.num_layers()}-layer model{why}; "
+                f"use --steps {reachable} or fewer"
             )
         if len(calibration) == 0:
             raise DataError("the calibration set has no samples")
