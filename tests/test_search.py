@@ -194,8 +194,9 @@ def test_resume_with_the_same_model_at_another_path(tmp_path, saved_model, capsy
     assert journal["steps"][0] == first["steps"][0] and len(journal["steps"]) == 2
     assert journal["base_model"] == str(saved_model)
 
-    # a journal written while the name was part of the identity is resumed too
+    # a journal written while the name was part of the identity (and before calibration_mode) resumes too
     journal["identity"]["model.name"] = "some/other/path"
+    del journal["identity"]["calibration_mode"]
     journal["settings_hash"] = identity_hash(journal["identity"])
     (out / JOURNAL_NAME).write_text(json.dumps(journal))
     assert main(["prune", "--model", str(copy), "--steps", "2", *common]) == 0, capsys.readouterr().err
@@ -209,6 +210,8 @@ def test_bad_settings_are_clear_errors():
         _settings(target_params=1.5)
     with pytest.raises(SearchError, match="normalize"):
         _settings(normalize="flops")
+    with pytest.raises(SearchError, match="calibration_mode"):
+        _settings(calibration_mode="rows")
 
 
 def test_steps_are_checked_against_what_one_plan_can_remove():
@@ -334,6 +337,27 @@ def test_cli_prune_errors_are_clean(tmp_path, saved_model, capsys, extra, messag
     assert "hf-shedder prune: error:" in err
     assert __import__("re").search(message, err), err
     assert not (tmp_path / "out" / "plan.json").exists()
+
+
+def test_cli_reference_calibration_mode(tmp_path, saved_model, capsys):
+    """--calibration-mode reference draws rows as the reference's prune.py; the journal records and checks it."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"Line {i}: the quick brown fox jumps over the lazy dog."}) + "\n"
+                            for i in range(30)))
+    out = tmp_path / "search"
+    argv = ["prune", "--model", str(saved_model), "--units", "ssm", "--steps", "1", "--calibration", str(rows),
+            "--samples", "6", "--seqlen", "24", "--batch-size", "4", "--out", str(out), "--device", "cpu",
+            "--no-progress"]
+    assert main([*argv, "--calibration-mode", "reference"]) == 0, capsys.readouterr().err
+    ident = json.loads((out / JOURNAL_NAME).read_text())["identity"]
+    assert ident["calibration_mode"] == "reference"
+    tok = load_tokenizer()
+    ref = load_calibration(str(rows), tok, n_samples=6, seqlen=24, seed=42, mode="reference")
+    win = load_calibration(str(rows), tok, n_samples=6, seqlen=24, seed=42, mode="windows")
+    assert ident["calibration_fingerprint"] == ref.fingerprint() != win.fingerprint()
+    # the default mode on the same journal is refused, naming the difference
+    assert main(argv) == 2
+    assert "calibration_mode: journal 'reference' vs now 'windows'" in capsys.readouterr().err
 
 
 def test_cli_prune_offline_model_name(tmp_path, capsys):
