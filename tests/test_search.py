@@ -16,6 +16,7 @@ from hf_shedder.search import JOURNAL_NAME, SearchSettings, search
 from hf_shedder.search.engine import max_removable
 from hf_shedder.search.evaluator import Evaluator
 from hf_shedder.search.settings import identity_hash
+from hf_shedder.units import Plan, Unit
 from tests.tiny_models import VOCAB, build_tiny
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -267,6 +268,22 @@ def test_stopping_rules_and_outputs(tmp_path):
     traj = json.loads((out / "trajectory.json").read_text())
     assert [r["params"] for r in traj["rows"]] == sorted((r["params"] for r in traj["rows"]), reverse=True)
     assert traj["counters"]["layer_evals"] == full.counters["layer_evals"] > 0
+
+
+def test_mixed_block_and_ssm_plan_gets_a_reference_file(tmp_path):
+    """The reference writes pruned_mamba_block_idx and pruned_ssm_idx side by side; the file reads back as
+    a valid plan removing the same units even when a layer lost its SSM and then its block."""
+    model = build_tiny("mamba2", num_layers=4)
+    result = search(model, _calib(), _settings(units=("ssm", "block"), steps=4), out_dir=tmp_path, progress=False)
+    # this plan removes a layer's SSM and later its block: the order a reference file must keep
+    assert any(Unit("block", u.layer) in result.plan for u in result.plan.of_kind("ssm"))
+    ref = json.loads((tmp_path / "pruning_config.json").read_text())
+    assert ref == {"pruned_ssm_idx": [u.layer for u in result.plan.of_kind("ssm")],
+                   "pruned_mamba_block_idx": [u.layer for u in result.plan.of_kind("block")]}
+    adapter = get_adapter(model)
+    back = Plan.load(tmp_path / "pruning_config.json", family=adapter.family, num_layers=adapter.num_layers())
+    adapter.validate(back)
+    assert set(back.units) == set(result.plan.units)
 
 
 def test_normalized_and_raced_searches():
