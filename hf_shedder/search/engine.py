@@ -131,7 +131,7 @@ class _Search:
             raise DataError("the calibration set has no targets: every sample is padding or shorter than 2 tokens")
         self.nb = self.ev.n_batches
         self.base_params = skeleton_parameters(model.config)
-        self._removed_cache: dict[tuple, int] = {}
+        self._params_cache: dict[tuple[Unit, ...], int] = {}
         model_id = model_identity(model)
         self.model_name = model_id["name"]
         self.ident = identity(settings, model_id, calibration.fingerprint())
@@ -191,16 +191,17 @@ class _Search:
 
     # ------------------------------------------------------------------ parameters and scores
     def _params(self, plan: Plan) -> int:
-        return skeleton_parameters(self.model.config, plan) if len(plan) else self.base_params
+        if not len(plan):
+            return self.base_params
+        key = tuple(plan.units)
+        if key not in self._params_cache:
+            self._params_cache[key] = skeleton_parameters(self.model.config, plan)
+        return self._params_cache[key]
 
     def _removed(self, plan: Plan, unit: Unit) -> int:
-        """Parameters ``unit`` removes on top of ``plan`` (only same-layer units interact)."""
-        same = tuple(u for u in plan if u.layer == unit.layer)
-        key = (unit, same)
-        if key not in self._removed_cache:
-            before = Plan(list(same))
-            self._removed_cache[key] = self._params(before) - self._params(before.extended(unit))
-        return self._removed_cache[key]
+        """Parameters ``unit`` removes on top of the whole of ``plan``: units interact across layers too
+        (the last use of a shared block takes its weights along; KV-sharing layers)."""
+        return self._params(plan) - self._params(plan.extended(unit))
 
     def _score(self, mean_nll: float, plan: Plan, unit: Unit, current_nll: float | None) -> float:
         if self.settings.normalize is None:
@@ -451,7 +452,7 @@ class _Search:
                             part["status"][k] = "abandoned"
                             bar.update(nb - part["batches"][k])
                 if race_end is not None and gb + 1 == race_end:
-                    self._race_cut(main, part, bar)
+                    self._race_cut(main, part, bar, plan, by_key, current_nll)
                 part["main_batches"] = gb + 1
             self._record_base(part)
             self._save()
@@ -459,10 +460,26 @@ class _Search:
             if part["status"][k] == "active" and part["batches"][k] == nb:
                 part["status"][k] = "done"
 
-    def _race_cut(self, main: list[str], part: dict[str, Any], bar: tqdm) -> None:
-        """Approximate: keep the ``race_keep`` candidates with the lowest partial NLL, drop the rest."""
+    def _race_cut(self, main: list[str], part: dict[str, Any], bar: tqdm, plan: Plan, by_key: dict[str, Unit],
+                  current_nll: float | None) -> None:
+        """Approximate: keep the ``race_keep`` candidates with the best score so far, drop the rest.
+
+        The score is the step's own (NLL, or NLL increase per removed parameter) on the mean NLL of the
+        samples seen so far, which estimates the full mean; with ``normalize=None`` this ranks exactly as
+        the partial NLL sums do (every active candidate has seen the same batches).
+        """
+        def seen_mean(k: str) -> float:
+            seen = [v for v in part["values"][k] if v is not None]
+            return math.fsum(seen) / len(seen) if seen else 0.0
+
+        if current_nll is None and self.settings.normalize is not None:
+            current_nll = seen_mean(BASE)  # first step: the base plan runs alongside, on the same batches
+
+        def estimate(k: str) -> float:
+            return self._score(seen_mean(k), plan, by_key[k], current_nll)
+
         active = [k for k in main if part["status"][k] == "active"]
-        ranked = sorted(active, key=lambda k: (math.fsum(v for v in part["values"][k] if v is not None), main.index(k)))
+        ranked = sorted(active, key=lambda k: (estimate(k), main.index(k)))
         for k in ranked[self.settings.race_keep:]:
             part["status"][k] = "raced_out"
             bar.update(self.nb - part["batches"][k])
