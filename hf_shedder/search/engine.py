@@ -282,9 +282,14 @@ class _Search:
         keys = [unit_key(u) for u in cands]
         if self.journal["base"] is None:
             keys = [BASE, *keys]
+        # The current plan's own NLL is needed before the main pass only to score the leader
+        # (normalize="params"); otherwise it rides along the main pass, whose prefix runs anyway, instead
+        # of costing the leader phase a second full prefix per batch.
+        base_with_leader = leader is not None and BASE in keys and self.settings.normalize is not None
         return {
             "step": n,
             "leader": leader,
+            "base_with_leader": base_with_leader,
             "values": {k: [] for k in keys},
             "batches": {k: 0 for k in keys},
             "status": {k: "active" for k in keys},
@@ -389,10 +394,11 @@ class _Search:
         rank, nb = self.comm.rank, self.nb
         by_key = {unit_key(u): u for u in cands}
         leader_key = part["leader"]
-        # 1) the leader (and the current plan itself, first step) on every batch: the bound to beat
+        # 1) the leader (and, to score it, the current plan itself) on every batch: the bound to beat
+        base_with_leader = part.get("base_with_leader", True)  # journals from before the flag: always
         if leader_key is not None:
             items: list[Unit | str] = [by_key[leader_key]]
-            if BASE in part["values"]:
+            if BASE in part["values"] and base_with_leader:
                 items = [BASE, *items]
             while part["batches"][leader_key] < nb:
                 start = part["batches"][leader_key]
