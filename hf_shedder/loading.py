@@ -51,14 +51,38 @@ def load_model(name_or_path: str, dtype: Any = None, device: str | None = None, 
     return model.eval()
 
 
+# Files that carry a vocabulary. Without one, recent transformers builds an empty tokenizer from the
+# model's config instead of failing, which would silently tokenize every text to nothing.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def has_tokenizer_files(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` holds a saved tokenizer (not just a model)."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
+
+
+def plausible_tokenizer(tok: Any) -> bool:
+    """A tokenizer that turns ordinary text into at least one ordinary (non-special) token."""
+    try:
+        ids = tok("The quick brown fox.", add_special_tokens=False)["input_ids"]
+    except Exception:
+        return False
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    return any(i not in special for i in ids)
+
+
 def load_tokenizer_for(name_or_path: str) -> Any | None:
-    """The model's own tokenizer if it has one, else None (callers fall back to the bundled one)."""
+    """The model's own tokenizer if it has a usable one, else None (callers fall back to the bundled one)."""
     from transformers import AutoTokenizer
 
+    if os.path.isdir(name_or_path) and not has_tokenizer_files(name_or_path):
+        return None
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(name_or_path)
     except Exception:
         return None
+    return tok if plausible_tokenizer(tok) else None
 
 
 def count_parameters(model: torch.nn.Module) -> int:

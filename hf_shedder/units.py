@@ -169,7 +169,7 @@ class Plan:
         return cls(units, family, num_layers)
 
     def to_reference(self) -> dict[str, list[int]]:
-        """The reference tool's file content; only plans of whole blocks or SSMs can be written that way."""
+        """The reference tool's file content; only plans of whole blocks and/or SSMs can be written that way."""
         out: dict[str, list[int]] = {}
         keys = dict(_REFERENCE_KEY_FOR_KIND)
         if self.family == "hymba":  # the reference's Hymba tool names its block units differently
@@ -179,7 +179,8 @@ class Plan:
             if key is None or u.indices:
                 raise PlanError(f"unit {u} cannot be written in the reference format (blocks and SSMs only)")
             out.setdefault(key, []).append(u.layer)
-        return out
+        # SSMs first: a file is read back key by key, and an SSM may precede its layer's block, never follow it
+        return dict(sorted(out.items(), key=lambda kv: kv[0] != keys["ssm"]))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         atomic_write_json(path, self.to_dict())

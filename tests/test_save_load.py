@@ -134,6 +134,25 @@ def test_cli_apply_and_info(tmp_path, capsys):
     assert info["params_after"] == sum(p.numel() for p in loaded.parameters())
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_cli_apply_output_gets_the_umask_modes(tmp_path, umask):
+    """The staged folder comes from mkdtemp (0700) and safetensors writes 0600: the result must not keep that."""
+    base = build_tiny("mamba2")
+    base.save_pretrained(tmp_path / "base")
+    (tmp_path / "plan.json").write_text(json.dumps({"pruned_ssm_idx": [1]}))
+    old = os.umask(umask)
+    try:
+        assert cli_main(["apply", "--model", str(tmp_path / "base"), "--plan", str(tmp_path / "plan.json"),
+                         "--out", str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files)
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~umask)}
+
+
 def test_cli_apply_bad_plan_writes_nothing(tmp_path, capsys):
     base = build_tiny("mamba")
     base.save_pretrained(tmp_path / "base")

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
+from hf_shedder.arch import get_adapter
 from hf_shedder.cli import main
 from hf_shedder.data import CalibrationSet, load_calibration, load_tokenizer
 from hf_shedder.errors import SearchError
 from hf_shedder.search import JOURNAL_NAME, SearchSettings, search
+from hf_shedder.search.engine import max_removable
 from hf_shedder.search.evaluator import Evaluator
+from hf_shedder.search.settings import identity_hash
+from hf_shedder.units import Plan, Unit
 from tests.tiny_models import VOCAB, build_tiny
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -104,13 +109,15 @@ def test_layer_evaluation_counts_and_ratio():
     assert plain.counters["head_evals"] == fast.counters["head_evals"] == B * (L + 1)
     ratio = plain.counters["layer_evals"] / fast.counters["layer_evals"]
     assert ratio > 1.75, ratio
-    # with exact early abandon (default) the accelerated search may only do less suffix work
+    # with exact early abandon (default) the accelerated search may only do less work: its leader (here
+    # block@0) needs no prefix, and the base plan rides along the main pass instead of the leader's
     abandon = search(build_tiny("mamba2", num_layers=L), calib, _settings(units=("block",), steps=1), progress=False)
     assert abandon.plan == plain.plan
+    assert abandon.counters["layer_evals"] <= fast.counters["layer_evals"]
 
 
-@pytest.mark.parametrize("exact", [False, True])
-def test_kill_mid_step_then_resume_gives_the_same_plan_and_journal(tmp_path, monkeypatch, exact):
+@pytest.mark.parametrize(("exact", "kill_at"), [(False, 4), (False, 7), (True, 22)])
+def test_kill_mid_step_then_resume_gives_the_same_plan_and_journal(tmp_path, monkeypatch, exact, kill_at):
     calib = _calib()
     settings = _settings(units=("ssm", "block"), steps=2, exact_reference=exact)
     ref = search(build_tiny("mamba2", num_layers=4), calib, settings, out_dir=tmp_path / "ref", progress=False)
@@ -118,8 +125,8 @@ def test_kill_mid_step_then_resume_gives_the_same_plan_and_journal(tmp_path, mon
     method = "plain" if exact else "layered"
     original = getattr(Evaluator, method)
     calls = {"n": 0}
-    # batch evaluations per step: accelerated 2 (leader) + 2 (others); plain 2 x (8 + 1 base) candidates
-    kill_at = 22 if exact else 7
+    # batch evaluations per step: accelerated 2 (leader) + 2 (others, with the base plan in the first
+    # step); plain 2 x (8 + 1 base) candidates. Killed in the first step's main pass or in the second step.
 
     def flaky(self, *args, **kwargs):
         calls["n"] += 1
@@ -133,7 +140,8 @@ def test_kill_mid_step_then_resume_gives_the_same_plan_and_journal(tmp_path, mon
     with pytest.raises(RuntimeError, match="killed"):
         search(model, calib, settings, out_dir=out, progress=False)
     journal = json.loads((out / JOURNAL_NAME).read_text())
-    assert len(journal["steps"]) == 1 and journal["partial"] is not None and not journal["done"]
+    assert len(journal["steps"]) == (0 if kill_at == 4 else 1)
+    assert journal["partial"] is not None and not journal["done"]
     assert any(journal["partial"]["batches"].values())  # mid-step progress was saved
     assert not (out / "plan.json").exists()
 
@@ -176,6 +184,28 @@ def test_journal_written_with_other_settings_is_refused(tmp_path):
     assert len(longer.plan) == 2
 
 
+def test_resume_with_the_same_model_at_another_path(tmp_path, saved_model, capsys):
+    """Architecture hash and weight checksum identify the model; its path is kept only for information."""
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(saved_model, copy)
+    out = tmp_path / "search"
+    common = ["--units", "ssm", "--calibration", "bundled", "--samples", "2", "--seqlen", "24",
+              "--batch-size", "2", "--out", str(out), "--device", "cpu", "--no-progress"]
+    assert main(["prune", "--model", str(saved_model), "--steps", "1", *common]) == 0
+    first = json.loads((out / JOURNAL_NAME).read_text())
+    assert main(["prune", "--model", str(copy), "--steps", "2", *common]) == 0, capsys.readouterr().err
+    journal = json.loads((out / JOURNAL_NAME).read_text())
+    assert journal["steps"][0] == first["steps"][0] and len(journal["steps"]) == 2
+    assert journal["base_model"] == str(saved_model)
+
+    # a journal written while the name was part of the identity (and before calibration_mode) resumes too
+    journal["identity"]["model.name"] = "some/other/path"
+    del journal["identity"]["calibration_mode"]
+    journal["settings_hash"] = identity_hash(journal["identity"])
+    (out / JOURNAL_NAME).write_text(json.dumps(journal))
+    assert main(["prune", "--model", str(copy), "--steps", "2", *common]) == 0, capsys.readouterr().err
+
+
 def test_bad_settings_are_clear_errors():
     model = build_tiny("mamba2", num_layers=4)
     with pytest.raises(SearchError, match="steps=5 is more than the 4 removable block units"):
@@ -184,6 +214,36 @@ def test_bad_settings_are_clear_errors():
         _settings(target_params=1.5)
     with pytest.raises(SearchError, match="normalize"):
         _settings(normalize="flops")
+    with pytest.raises(SearchError, match="calibration_mode"):
+        _settings(calibration_mode="rows")
+
+
+def test_steps_are_checked_against_what_one_plan_can_remove():
+    """A layer's last SSM head group goes only with its SSM: 4 groups per layer, 3 removable."""
+    model = build_tiny("mamba2", num_layers=3)
+    adapter = get_adapter(model)
+    assert len(adapter.candidates(adapter.empty_plan(), ("ssm_heads",))) == 12
+    assert max_removable(adapter, ("ssm_heads",)) == 9
+    assert max_removable(adapter, ("ssm_heads",), limit=4) == 4
+    # nested kinds: heads, then the SSM, then the block of every layer
+    assert max_removable(adapter, ("block", "ssm", "ssm_heads")) == 15
+    assert max_removable(adapter, ("ssm", "block")) == 6
+    with pytest.raises(SearchError, match=r"steps=10 is more than the 9 removable ssm_heads units(.|\n)*at most 9"):
+        search(model, _calib(), _settings(units=("ssm_heads",), steps=10), progress=False)
+
+
+def test_cli_says_why_a_search_stopped_early(tmp_path, saved_model, capsys):
+    """With ssm,block every unit may go, but only if each SSM goes before its block; the search does not
+    plan for that, so it can run out of candidates: the CLI says so instead of stopping silently."""
+    out = tmp_path / "search"
+    argv = ["prune", "--model", str(saved_model), "--units", "ssm,block", "--steps", "8", "--calibration",
+            "bundled", "--samples", "2", "--seqlen", "24", "--batch-size", "2", "--out", str(out), "--device", "cpu",
+            "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    n = len(json.loads((out / "plan.json").read_text())["units"])
+    assert n < 8 and "(no_candidates)" in printed
+    assert f"note: stopped after {n} of 8 steps: no removable ssm,block unit is left" in printed
 
 
 def test_stopping_rules_and_outputs(tmp_path):
@@ -211,6 +271,22 @@ def test_stopping_rules_and_outputs(tmp_path):
     traj = json.loads((out / "trajectory.json").read_text())
     assert [r["params"] for r in traj["rows"]] == sorted((r["params"] for r in traj["rows"]), reverse=True)
     assert traj["counters"]["layer_evals"] == full.counters["layer_evals"] > 0
+
+
+def test_mixed_block_and_ssm_plan_gets_a_reference_file(tmp_path):
+    """The reference writes pruned_mamba_block_idx and pruned_ssm_idx side by side; the file reads back as
+    a valid plan removing the same units even when a layer lost its SSM and then its block."""
+    model = build_tiny("mamba2", num_layers=4)
+    result = search(model, _calib(), _settings(units=("ssm", "block"), steps=4), out_dir=tmp_path, progress=False)
+    # this plan removes a layer's SSM and later its block: the order a reference file must keep
+    assert any(Unit("block", u.layer) in result.plan for u in result.plan.of_kind("ssm"))
+    ref = json.loads((tmp_path / "pruning_config.json").read_text())
+    assert ref == {"pruned_ssm_idx": [u.layer for u in result.plan.of_kind("ssm")],
+                   "pruned_mamba_block_idx": [u.layer for u in result.plan.of_kind("block")]}
+    adapter = get_adapter(model)
+    back = Plan.load(tmp_path / "pruning_config.json", family=adapter.family, num_layers=adapter.num_layers())
+    adapter.validate(back)
+    assert set(back.units) == set(result.plan.units)
 
 
 def test_normalized_and_raced_searches():
@@ -281,6 +357,27 @@ def test_cli_prune_errors_are_clean(tmp_path, saved_model, capsys, extra, messag
     assert "hf-shedder prune: error:" in err
     assert __import__("re").search(message, err), err
     assert not (tmp_path / "out" / "plan.json").exists()
+
+
+def test_cli_reference_calibration_mode(tmp_path, saved_model, capsys):
+    """--calibration-mode reference draws rows as the reference's prune.py; the journal records and checks it."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"Line {i}: the quick brown fox jumps over the lazy dog."}) + "\n"
+                            for i in range(30)))
+    out = tmp_path / "search"
+    argv = ["prune", "--model", str(saved_model), "--units", "ssm", "--steps", "1", "--calibration", str(rows),
+            "--samples", "6", "--seqlen", "24", "--batch-size", "4", "--out", str(out), "--device", "cpu",
+            "--no-progress"]
+    assert main([*argv, "--calibration-mode", "reference"]) == 0, capsys.readouterr().err
+    ident = json.loads((out / JOURNAL_NAME).read_text())["identity"]
+    assert ident["calibration_mode"] == "reference"
+    tok = load_tokenizer()
+    ref = load_calibration(str(rows), tok, n_samples=6, seqlen=24, seed=42, mode="reference")
+    win = load_calibration(str(rows), tok, n_samples=6, seqlen=24, seed=42, mode="windows")
+    assert ident["calibration_fingerprint"] == ref.fingerprint() != win.fingerprint()
+    # the default mode on the same journal is refused, naming the difference
+    assert main(argv) == 2
+    assert "calibration_mode: journal 'reference' vs now 'windows'" in capsys.readouterr().err
 
 
 def test_cli_prune_offline_model_name(tmp_path, capsys):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..data import valid_sources
 from ..errors import SearchError
-from ..search.settings import NORMALIZE_CHOICES
+from ..search.settings import CALIBRATION_MODES, NORMALIZE_CHOICES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,6 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=256, help="calibration samples (default 256)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sample (default 2048)")
     p.add_argument("--seed", type=int, default=42, help="calibration sampling seed (default 42)")
+    p.add_argument("--calibration-mode", choices=CALIBRATION_MODES, default="windows",
+                   help="windows: --samples windows of --seqlen tokens drawn from the whole text (default); "
+                        "reference: --samples rows drawn at random, joined and cut into --seqlen windows, "
+                        "as Mamba-Shedder's prune.py")
     p.add_argument("--out", required=True, help="output directory (journal, plan, trajectory); re-run to resume")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
@@ -69,19 +73,23 @@ def run(args: argparse.Namespace) -> int:
     settings = SearchSettings(
         units=args.units, steps=args.steps, target_params=args.target_params, max_ppl=args.max_ppl,
         calibration=args.calibration, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
-        batch_size=args.batch_size, dtype=None, device=None, exact_reference=args.exact_reference,
-        normalize=args.normalize, early_abandon=not args.no_early_abandon, race_fraction=args.race,
+        calibration_mode=args.calibration_mode, batch_size=args.batch_size, dtype=None, device=None,
+        exact_reference=args.exact_reference, normalize=args.normalize, early_abandon=not args.no_early_abandon, race_fraction=args.race,
         race_keep=args.race_keep, split=args.split,
     )
     comm = init_from_env(device)
     tokenizer = _tokenizer(args.model, args.tokenizer)
-    calib = load_calibration(args.calibration, tokenizer, n_samples=args.samples, seqlen=args.seqlen, seed=args.seed)
+    calib = load_calibration(args.calibration, tokenizer, n_samples=args.samples, seqlen=args.seqlen, seed=args.seed,
+                             mode=args.calibration_mode)
     kwargs = {"device_map": args.device_map} if args.device_map else {}
     model = load_model(args.model, dtype=parse_dtype(args.dtype), device=None if args.device_map else device, **kwargs)
     result = search(model, calib, settings, out_dir=args.out, progress=not args.no_progress, comm=comm)
     if comm.is_main:
         c = result.counters
         print(f"plan: {[str(u) for u in result.plan]} ({result.stop_reason})")
+        if result.stop_reason == "no_candidates":
+            print(f"note: stopped after {len(result.plan)} of {args.steps} steps: no removable {args.units} unit "
+                  "is left (removing a unit can take others with it, e.g. a block the units inside it)")
         print(f"perplexity {result.base_ppl:.4g} -> {result.trajectory[-1]['ppl']:.4g}; parameters "
               f"{result.base_params:,} -> {result.trajectory[-1]['params']:,}")
         print(f"work: {c['layer_evals']:,} layer evaluations, {c['head_evals']:,} head evaluations, {c['seconds']:.1f} s")

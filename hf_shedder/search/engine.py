@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import get_adapter
+from ..arch.base import ArchAdapter
 from ..data import CalibrationSet
 from ..distributed import Comm
 from ..errors import DataError, SearchError
@@ -56,6 +57,28 @@ class SearchResult:
     def candidate_ppls(self) -> list[dict[str, float | None]]:
         """Per step: candidate key -> perplexity (None when abandoned or raced out)."""
         return [{c["unit"]: c["ppl"] for c in s["candidates"]} for s in self.steps]
+
+
+def max_removable(adapter: ArchAdapter, kinds: tuple[str, ...], limit: int | None = None) -> int:
+    """How many units of ``kinds`` one plan can remove (counting stops at ``limit``).
+
+    Greedy through the adapter's own rules: each step removes a unit that leaves the most candidates
+    (the first that costs no other candidate, when there is one). Where units nest (a block holds its
+    SSM and heads; a layer's last head group goes only with its SSM) this is the true maximum: the
+    inner units go first, then the ones holding them.
+    """
+    plan, n = adapter.empty_plan(), 0
+    cands = adapter.candidates(plan, kinds)
+    while cands and (limit is None or n < limit):
+        best, best_left = None, None
+        for unit in cands:
+            left = adapter.candidates(plan.extended(unit), kinds)
+            if best_left is None or len(left) > len(best_left):
+                best, best_left = unit, left
+            if len(left) >= len(cands) - 1:  # costs nothing else: no other choice does better
+                break
+        plan, cands, n = plan.extended(best), best_left, n + 1
+    return n
 
 
 def _mean(values: list[float | None], n_valid: int) -> float:
@@ -90,11 +113,15 @@ class _Search:
         self.adapter.clear_mask()
         self.empty = self.adapter.empty_plan()
         initial = self.adapter.candidates(self.empty, settings.units)
-        if settings.steps > len(initial):
+        reachable = max_removable(self.adapter, settings.units, limit=settings.steps)
+        if settings.steps > reachable:
+            why = "" if reachable == len(initial) else (
+                f" (of {len(initial)} candidates, at most {reachable} can be removed in any order: removing a "
+                "unit can take others with it, e.g. a block the units inside it)")
             raise SearchError(
-                f"steps={settings.steps} is more than the {len(initial)} removable "
-                f"{'/'.join(settings.units)} units of this {self.adapter.num_layers()}-layer model; "
-                f"use --steps {len(initial)} or fewer"
+                f"steps={settings.steps} is more than the {reachable} removable "
+                f"{'/'.join(settings.units)} units of this {self.adapter.num_layers()}-layer model{why}; "
+                f"use --steps {reachable} or fewer"
             )
         if len(calibration) == 0:
             raise DataError("the calibration set has no samples")
@@ -104,8 +131,10 @@ class _Search:
             raise DataError("the calibration set has no targets: every sample is padding or shorter than 2 tokens")
         self.nb = self.ev.n_batches
         self.base_params = skeleton_parameters(model.config)
-        self._removed_cache: dict[tuple, int] = {}
-        self.ident = identity(settings, model_identity(model), calibration.fingerprint())
+        self._params_cache: dict[tuple[Unit, ...], int] = {}
+        model_id = model_identity(model)
+        self.model_name = model_id["name"]
+        self.ident = identity(settings, model_id, calibration.fingerprint())
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.journal = self._open_journal()
         self._last = self.ev.snapshot()
@@ -113,7 +142,7 @@ class _Search:
 
     # ------------------------------------------------------------------ journal
     def _open_journal(self) -> dict[str, Any]:
-        fresh = new_journal(self.settings.to_dict(), self.ident, self.ident.get("model.name"))
+        fresh = new_journal(self.settings.to_dict(), self.ident, self.model_name)
         if self.out_dir is None:
             return fresh
         path = self.out_dir / JOURNAL_NAME
@@ -162,16 +191,17 @@ class _Search:
 
     # ------------------------------------------------------------------ parameters and scores
     def _params(self, plan: Plan) -> int:
-        return skeleton_parameters(self.model.config, plan) if len(plan) else self.base_params
+        if not len(plan):
+            return self.base_params
+        key = tuple(plan.units)
+        if key not in self._params_cache:
+            self._params_cache[key] = skeleton_parameters(self.model.config, plan)
+        return self._params_cache[key]
 
     def _removed(self, plan: Plan, unit: Unit) -> int:
-        """Parameters ``unit`` removes on top of ``plan`` (only same-layer units interact)."""
-        same = tuple(u for u in plan if u.layer == unit.layer)
-        key = (unit, same)
-        if key not in self._removed_cache:
-            before = Plan(list(same))
-            self._removed_cache[key] = self._params(before) - self._params(before.extended(unit))
-        return self._removed_cache[key]
+        """Parameters ``unit`` removes on top of the whole of ``plan``: units interact across layers too
+        (the last use of a shared block takes its weights along; KV-sharing layers)."""
+        return self._params(plan) - self._params(plan.extended(unit))
 
     def _score(self, mean_nll: float, plan: Plan, unit: Unit, current_nll: float | None) -> float:
         if self.settings.normalize is None:
@@ -252,9 +282,14 @@ class _Search:
         keys = [unit_key(u) for u in cands]
         if self.journal["base"] is None:
             keys = [BASE, *keys]
+        # The current plan's own NLL is needed before the main pass only to score the leader
+        # (normalize="params"); otherwise it rides along the main pass, whose prefix runs anyway, instead
+        # of costing the leader phase a second full prefix per batch.
+        base_with_leader = leader is not None and BASE in keys and self.settings.normalize is not None
         return {
             "step": n,
             "leader": leader,
+            "base_with_leader": base_with_leader,
             "values": {k: [] for k in keys},
             "batches": {k: 0 for k in keys},
             "status": {k: "active" for k in keys},
@@ -359,10 +394,11 @@ class _Search:
         rank, nb = self.comm.rank, self.nb
         by_key = {unit_key(u): u for u in cands}
         leader_key = part["leader"]
-        # 1) the leader (and the current plan itself, first step) on every batch: the bound to beat
+        # 1) the leader (and, to score it, the current plan itself) on every batch: the bound to beat
+        base_with_leader = part.get("base_with_leader", True)  # journals from before the flag: always
         if leader_key is not None:
             items: list[Unit | str] = [by_key[leader_key]]
-            if BASE in part["values"]:
+            if BASE in part["values"] and base_with_leader:
                 items = [BASE, *items]
             while part["batches"][leader_key] < nb:
                 start = part["batches"][leader_key]
@@ -422,7 +458,7 @@ class _Search:
                             part["status"][k] = "abandoned"
                             bar.update(nb - part["batches"][k])
                 if race_end is not None and gb + 1 == race_end:
-                    self._race_cut(main, part, bar)
+                    self._race_cut(main, part, bar, plan, by_key, current_nll)
                 part["main_batches"] = gb + 1
             self._record_base(part)
             self._save()
@@ -430,10 +466,26 @@ class _Search:
             if part["status"][k] == "active" and part["batches"][k] == nb:
                 part["status"][k] = "done"
 
-    def _race_cut(self, main: list[str], part: dict[str, Any], bar: tqdm) -> None:
-        """Approximate: keep the ``race_keep`` candidates with the lowest partial NLL, drop the rest."""
+    def _race_cut(self, main: list[str], part: dict[str, Any], bar: tqdm, plan: Plan, by_key: dict[str, Unit],
+                  current_nll: float | None) -> None:
+        """Approximate: keep the ``race_keep`` candidates with the best score so far, drop the rest.
+
+        The score is the step's own (NLL, or NLL increase per removed parameter) on the mean NLL of the
+        samples seen so far, which estimates the full mean; with ``normalize=None`` this ranks exactly as
+        the partial NLL sums do (every active candidate has seen the same batches).
+        """
+        def seen_mean(k: str) -> float:
+            seen = [v for v in part["values"][k] if v is not None]
+            return math.fsum(seen) / len(seen) if seen else 0.0
+
+        if current_nll is None and self.settings.normalize is not None:
+            current_nll = seen_mean(BASE)  # first step: the base plan runs alongside, on the same batches
+
+        def estimate(k: str) -> float:
+            return self._score(seen_mean(k), plan, by_key[k], current_nll)
+
         active = [k for k in main if part["status"][k] == "active"]
-        ranked = sorted(active, key=lambda k: (math.fsum(v for v in part["values"][k] if v is not None), main.index(k)))
+        ranked = sorted(active, key=lambda k: (estimate(k), main.index(k)))
         for k in ranked[self.settings.race_keep:]:
             part["status"][k] = "raced_out"
             bar.update(self.nb - part["batches"][k])

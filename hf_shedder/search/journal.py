@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import SearchError
 from ..units import atomic_write_json
-from .settings import identity_hash
+from .settings import IDENTITY_DEFAULTS, INFO_ONLY, identity_hash
 
 JOURNAL_FORMAT = "hf_shedder.search_journal/1"
 JOURNAL_NAME = "journal.json"
@@ -53,8 +53,10 @@ def read_journal(path: Path) -> dict[str, Any] | None:
 
 def check_resumable(data: dict[str, Any], ident: dict[str, Any], path: Path) -> None:
     """Refuse a journal written with other settings, naming every difference."""
-    old = data.get("identity", {})
-    if old == ident and data.get("settings_hash") == identity_hash(ident):
+    stored = data.get("identity", {})
+    # older journals: the model name was part of the identity; later fields were missing
+    old = {**IDENTITY_DEFAULTS, **{k: v for k, v in stored.items() if k not in INFO_ONLY}}
+    if old == ident and data.get("settings_hash") == identity_hash(stored):
         return
     diffs = []
     for key in sorted(set(old) | set(ident)):

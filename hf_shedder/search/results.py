@@ -24,12 +24,12 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def write_results(result: SearchResult, out_dir: Path) -> None:
-    """plan.json (hf_shedder), pruning_config.json (reference, blocks-only or SSMs-only plans),
+    """plan.json (hf_shedder), pruning_config.json (reference, plans of blocks and/or SSMs),
     trajectory.csv/.json and trajectory.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     result.plan.save(out_dir / "plan.json")
     ref = out_dir / "pruning_config.json"
-    if len(result.plan) and result.plan.kinds() in ({"block"}, {"ssm"}):
+    if len(result.plan) and result.plan.kinds() <= {"block", "ssm"}:
         atomic_write_json(ref, result.plan.to_reference())
     elif ref.exists():  # left by an earlier run with another plan kind: it would contradict plan.json
         ref.unlink()

@@ -12,6 +12,7 @@ import torch
 from ..errors import SearchError
 
 NORMALIZE_CHOICES = (None, "params")
+CALIBRATION_MODES = ("windows", "reference")  # see data.load_calibration
 SPLIT_CHOICES = ("batches", "candidates")
 
 # Settings that only decide where to stop or how to run: a journal may be resumed (or extended) with
@@ -26,7 +27,8 @@ class SearchSettings:
     ``units``: unit kinds of the model's adapter (``block``, ``ssm``, ...). ``steps``: units to remove
     (the search stops earlier at ``target_params``, a fraction of the base parameter count, or when the
     best candidate's perplexity would exceed ``max_ppl``). Calibration fields describe the data (the
-    token fingerprint is what the journal checks). ``exact_reference`` runs the plain loop (a full
+    token fingerprint is what the journal checks); ``calibration_mode`` names how ``load_calibration``
+    drew it: ``windows`` (default) or ``reference`` (rows sampled as Mamba-Shedder's prune.py does). ``exact_reference`` runs the plain loop (a full
     ``model(...)`` forward per candidate and batch, as the reference does); the default accelerated search
     reuses the hidden states entering each layer and gives the same plan. ``early_abandon`` (exact)
     drops a candidate as soon as its partial NLL sum proves it cannot win. ``race_fraction``/``race_keep``
@@ -43,6 +45,7 @@ class SearchSettings:
     samples: int = 256
     seqlen: int = 2048
     seed: int = 42
+    calibration_mode: str = "windows"
     batch_size: int = 8
     dtype: str | None = None
     device: str | None = None
@@ -78,6 +81,8 @@ class SearchSettings:
             raise SearchError(f"race_fraction must be in (0, 1) (or None to turn racing off), got {self.race_fraction}")
         if self.race_keep < 1:
             raise SearchError(f"race_keep must be >= 1, got {self.race_keep}")
+        if self.calibration_mode not in CALIBRATION_MODES:
+            raise SearchError(f"calibration_mode must be one of {CALIBRATION_MODES}, got {self.calibration_mode!r}")
         if self.split not in SPLIT_CHOICES:
             raise SearchError(f"split must be one of {SPLIT_CHOICES}, got {self.split!r}")
 
@@ -96,8 +101,15 @@ class SearchSettings:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+# Model identity fields kept in the journal for information only: the same weights loaded from another
+# path (or hub name) are the same model, so the name must not block a resume.
+INFO_ONLY = frozenset({"model.name"})
+# Identity fields added after the journal format was fixed, with the value older journals implied.
+IDENTITY_DEFAULTS = {"calibration_mode": "windows"}
+
+
 def model_identity(model: torch.nn.Module) -> dict[str, Any]:
-    """Name, architecture hash and a weight checksum: a journal of another model is refused."""
+    """Name, architecture hash and a weight checksum (the hash and checksum identify the model)."""
     cfg = model.config.to_dict()
     for k in ("_name_or_path", "dtype", "torch_dtype", "transformers_version", "architectures", "_attn_implementation"):
         cfg.pop(k, None)
@@ -116,7 +128,7 @@ def model_identity(model: torch.nn.Module) -> dict[str, Any]:
 def identity(settings: SearchSettings, model_id: dict[str, Any], calibration_fingerprint: str) -> dict[str, Any]:
     """Everything that must match for a journal to be resumed (flat, so differences can be named)."""
     out = {k: v for k, v in settings.to_dict().items() if k not in NOT_IN_HASH}
-    out.update({f"model.{k}": v for k, v in model_id.items()})
+    out.update({f"model.{k}": v for k, v in model_id.items() if f"model.{k}" not in INFO_ONLY})
     out["calibration_fingerprint"] = calibration_fingerprint
     return out
 
