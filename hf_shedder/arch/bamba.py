@@ -33,13 +33,13 @@ class BambaAdapter(HybridStackAdapter):
         return True
 
     def _mixer_location(self, layer: int) -> tuple[nn.Module, str]:
-        return self.layers()[layer], "mamba"
+        return self.layer(layer), "mamba"
 
     def _attn_location(self, layer: int) -> tuple[nn.Module, str]:
-        return self.layers()[layer], "self_attn"
+        return self.layer(layer), "self_attn"
 
     def _mlp_location(self, layer: int) -> tuple[nn.Module, str]:
-        return self.layers()[layer], "feed_forward"
+        return self.layer(layer), "feed_forward"
 
     def _skipped(self, index: int, original: nn.Module) -> nn.Module:
         return SkippedTupleLayer(index)  # Bamba layers return (hidden_states, attn_weights)

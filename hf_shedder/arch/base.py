@@ -55,11 +55,21 @@ class ArchAdapter(ABC):
         self.config = model.config
         self._undo: list[Undo] = []
         self._masked_plan: Plan | None = None
+        self._masked_blocks: dict[int, nn.Module] = {}  # layer index -> the layer a block mask replaced
 
     # ------------------------------------------------------------------ structure
     @abstractmethod
     def layers(self) -> nn.ModuleList:
         """The decoder layers, in order."""
+
+    def layer(self, index: int) -> nn.Module:
+        """Decoder layer ``index`` as it is without a block mask.
+
+        The search keeps its plan masked while it lists the next candidates, so a removed block is then a
+        stand-in; sizes and locations of the layer's parts must still come from the layer itself.
+        """
+        held = self._masked_blocks.get(index)
+        return held if held is not None else self.layers()[index]
 
     def num_layers(self) -> int:
         return len(self.layers())
@@ -234,13 +244,19 @@ class ArchAdapter(ABC):
         if unit.kind == "block":
             layers, i = self.layers(), unit.layer
             original = layers[i]
-            layers[i] = SkippedLayer(i)
+            layers[i] = self._skipped(i, original)
+            self._masked_blocks[i] = original
 
             def undo() -> None:
                 layers[i] = original
+                self._masked_blocks.pop(i, None)
 
             return undo
         return self._mask_part(unit)
+
+    def _skipped(self, index: int, original: nn.Module) -> nn.Module:
+        """Family hook: the stand-in for masked layer ``index`` (the residual stream passes unchanged)."""
+        return SkippedLayer(index)
 
     @abstractmethod
     def _mask_part(self, unit: Unit) -> Undo:

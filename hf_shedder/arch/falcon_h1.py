@@ -172,7 +172,7 @@ class FalconH1Adapter(Mamba2HybridAdapter):
     # ---------------------------------------------------------------- masking / physical removal
     def _edit(self, unit: Unit, *, share: bool) -> tuple[nn.Module, str, nn.Module]:
         if unit.kind == "attn":
-            return self.layers()[unit.layer], "self_attn", AttentionRemoved(unit.layer)
+            return self.layer(unit.layer), "self_attn", AttentionRemoved(unit.layer)
         return super()._edit(unit, share=share)
 
     def apply_plan(self, plan: Plan) -> nn.Module:

@@ -216,15 +216,15 @@ class HybridAdapterMixin(ArchAdapter):
         )
 
     # ---------------------------------------------------------------- masking / physical removal
-    def _mask_unit(self, unit: Unit) -> Undo:
-        if unit.kind == "block" and self.is_attention(unit.layer):
-            return swap_item(self.layers(), unit.layer, SkippedAttentionLayer(unit.layer, self.layer_returns_tuple))
-        return super()._mask_unit(unit)
+    def _skipped(self, index: int, original: nn.Module) -> nn.Module:
+        if self.is_attention(index):
+            return SkippedAttentionLayer(index, self.layer_returns_tuple)
+        return super()._skipped(index, original)
 
     def _edit(self, unit: Unit, *, share: bool) -> tuple[nn.Module, str, nn.Module]:
         """``(owner, attribute, replacement)`` for a unit: masking (``share=True``) swaps it in reversibly,
         physical removal (``share=False``) for good, so both run the same edit."""
-        layer = self.layers()[unit.layer]
+        layer = self.layer(unit.layer)
         if unit.kind == "attn_heads":
             return layer, "self_attn", edit_attention_heads(layer.self_attn, unit.indices, share=share)
         if unit.kind == "mlp_channels":
@@ -250,7 +250,7 @@ class Mamba2HybridAdapter(Mamba2UnitsMixin, HybridAdapterMixin):
     ``ssm`` / ``ssm_heads`` units of :mod:`hf_shedder.arch.mamba2_heads`."""
 
     def _mixer_location(self, layer: int) -> tuple[nn.Module, str]:
-        return self.layers()[layer], "mamba"
+        return self.layer(layer), "mamba"
 
     def width_size(self, kind: str, layer: int) -> int:
         if kind == "ssm_heads" and self.has_unit(kind, layer):

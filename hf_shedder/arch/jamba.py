@@ -115,20 +115,20 @@ class JambaAdapter(HybridAdapterMixin):
 
     def _edit(self, unit: Unit, *, share: bool) -> tuple[nn.Module, str, nn.Module]:
         if unit.kind == "ssm":
-            layer = self.layers()[unit.layer]
+            layer = self.layer(unit.layer)
             return layer, "mamba", self._ssm_free(layer.mamba, share=share)
         return super()._edit(unit, share=share)
 
     # A mask hides removed experts from the router; removal slices the expert weights and the router alike.
     def _mask_part(self, unit: Unit) -> Undo:
         if unit.kind == "experts":
-            moe = self.layers()[unit.layer].feed_forward
+            moe = self.layer(unit.layer).feed_forward
             return swap_attr(moe, "router", ExpertMaskedLogits(moe.router, unit.indices, moe.num_experts))
         return super()._mask_part(unit)
 
     def _remove_part(self, unit: Unit) -> None:
         if unit.kind == "experts":
-            moe = self.layers()[unit.layer].feed_forward
+            moe = self.layer(unit.layer).feed_forward
             pos = remove_experts(moe.experts, unit.indices, self._num_experts[unit.layer])
             moe.router = select_linear(moe.router, rows=pos, share=False)
             moe.num_experts = len(pos)

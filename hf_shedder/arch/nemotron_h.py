@@ -98,7 +98,7 @@ class NemotronHAdapter(HybridStackAdapter):
         return self._layer_type(layer) == MLP
 
     def _mixer_location(self, layer: int) -> tuple[nn.Module, str]:
-        return self.layers()[layer], "mixer"
+        return self.layer(layer), "mixer"
 
     _attn_location = _mlp_location = _mixer_location
 
@@ -128,7 +128,7 @@ class NemotronHAdapter(HybridStackAdapter):
 
     def _mask_part(self, unit: Unit) -> Undo:
         if unit.kind == "experts":
-            moe = self.layers()[unit.layer].mixer
+            moe = self.layer(unit.layer).mixer
             return swap_attr(moe, "gate", masked_router(moe.gate, unit.indices))
         return super()._mask_part(unit)
 
@@ -136,7 +136,7 @@ class NemotronHAdapter(HybridStackAdapter):
         if unit.kind != "experts":
             super()._remove_part(unit)
             return
-        moe = self.layers()[unit.layer].mixer
+        moe = self.layer(unit.layer).mixer
         gate = moe.gate
         kept = remove_experts(moe.experts, unit.indices, self._num_experts)  # router rows follow the experts
         gate.weight = nn.Parameter(gate.weight.detach()[kept].clone(), requires_grad=gate.weight.requires_grad)
