@@ -29,6 +29,8 @@ PLANS: dict[str, dict[str, list[Unit]]] = {
         "ssm": [Unit("ssm", 2)],
         "ssm_heads": [Unit("ssm_heads", 3, (0, 2))],
         "hybrid": [Unit("hybrid", 3)],
+        "every_hybrid_use": [Unit("hybrid", 1), Unit("hybrid", 3), Unit("hybrid", 5)],
+        "every_hybrid_block": [Unit("block", 5), Unit("block", 1), Unit("block", 3)],
         "attn_heads": [Unit("attn_heads", 1, (1,)), Unit("attn_heads", 3, (0, 3))],
         "mlp_channels": [Unit("mlp_channels", 1, (0, 5, 7)), Unit("mlp_channels", 1, (9,))],
         "mixed": [Unit("attn_heads", 1, (1,)), Unit("block", 1), Unit("mlp_channels", 1, (2, 3)), Unit("ssm", 0),
@@ -37,6 +39,7 @@ PLANS: dict[str, dict[str, list[Unit]]] = {
     "bamba": {
         "block": [Unit("block", 1)],
         "ssm": [Unit("ssm", 0)],
+        "every_attention_layer": [Unit("block", 3), Unit("block", 1)],
         "ssm_heads": [Unit("ssm_heads", 2, (1, 5))],
         "attn_heads": [Unit("attn_heads", 3, (2, 3))],
         "mlp_channels": [Unit("mlp_channels", 1, (0, 5, 7))],
@@ -46,6 +49,7 @@ PLANS: dict[str, dict[str, list[Unit]]] = {
     "nemotron_h": {
         "block": [Unit("block", 2), Unit("block", 4)],
         "ssm": [Unit("ssm", 0)],
+        "every_attention_layer": [Unit("block", 2), Unit("block", 5)],
         "ssm_heads": [Unit("ssm_heads", 3, (1, 5)), Unit("ssm_heads", 3, (0, 4))],
         "attn_heads": [Unit("attn_heads", 5, (2, 3))],
         "mlp_channels": [Unit("mlp_channels", 1, (0, 5, 7))],
@@ -144,6 +148,21 @@ def test_plain_export_refused_when_the_config_cannot(tmp_path, family, units):
     with pytest.raises(PlanError, match="cannot express this plan"):
         pruned.save_pretrained(tmp_path / "m", export="plain")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("family, plan", [("zamba2", "every_hybrid_use"), ("bamba", "every_attention_layer"),
+                                          ("nemotron_h", "every_attention_layer")])
+def test_no_attention_left_saves_and_loads_but_no_plain_export(tmp_path, family, plan):
+    # Stock Transformers cannot build a cache for a model without attention; the hf_shedder checkpoint can.
+    pruned = prune(build_tiny_hybrid(family), Plan(PLANS[family][plan]))
+    with pytest.raises(PlanError, match="removes every attention layer"):
+        pruned.save_pretrained(tmp_path / "plain", export="plain")
+    assert not (tmp_path / "plain").exists()
+    pruned.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    x = _x()
+    torch.testing.assert_close(loaded(x).logits, pruned(x).logits, atol=ATOL, rtol=0)
+    assert _greedy(loaded, x[:1, :4]) == _greedy(pruned, x[:1, :4], use_cache=False)
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from .base import Undo
 from .hybrid_parts import (
     ExpertMaskedLogits,
     Mamba2HybridAdapter,
+    refuse_plain_export_without_attention,
     remove_experts,
     swap_attr,
     with_length_keeper,
@@ -125,8 +126,7 @@ class GraniteMoeHybridAdapter(Mamba2HybridAdapter):
     def block_only_export_supported(self, plan: Plan) -> bool:
         if not plan.kinds() <= {"block"}:
             return False
-        if "full_attention" not in self.config.layer_types[: self.config.num_hidden_layers]:
-            self._refuse_export_without_attention()
+        refuse_plain_export_without_attention(self.config.layer_types[: self.config.num_hidden_layers], self.model)
         return True
 
     # ---------------------------------------------------------------- layer-wise forward

@@ -25,6 +25,7 @@ from .base import Undo
 from .hybrid_parts import (
     ExpertMaskedLogits,
     HybridAdapterMixin,
+    refuse_plain_export_without_attention,
     remove_experts,
     swap_attr,
     with_length_keeper,
@@ -163,8 +164,7 @@ class JambaAdapter(HybridAdapterMixin):
     def block_only_export_supported(self, plan: Plan) -> bool:
         if not plan.kinds() <= {"block"}:
             return False
-        if "attention" not in self._block_types:
-            self._refuse_export_without_attention()
+        refuse_plain_export_without_attention(self.config.layer_types[: self.config.num_hidden_layers], self.model)
         # Otherwise a plain Jamba config expresses the layout iff it is still periodic.
         return not getattr(self.config, "_shedder_explicit_layout", False)
 
