@@ -128,8 +128,9 @@ def test_plain_export_when_the_config_can_express_the_plan(tmp_path, family, uni
     pruned.save_pretrained(tmp_path / "m", export="plain")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["model_type"] == family
-    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    stock, info = AutoModelForCausalLM.from_pretrained(tmp_path / "m", output_loading_info=True)
     assert type(stock) is type(pruned.model)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     torch.testing.assert_close(stock(x).logits, pruned(x).logits, atol=ATOL, rtol=0)
     assert _greedy(stock, x[:1, :4]) == _greedy(pruned, x[:1, :4])
 

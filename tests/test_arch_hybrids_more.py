@@ -132,8 +132,9 @@ def test_plain_export_of_block_plans(tmp_path, family, cls, blocks, config_check
     pruned = prune(build_tiny_hybrid(family), Plan([Unit("block", b) for b in blocks]))
     x = _x()
     pruned.save_pretrained(tmp_path, export="plain")
-    stock = AutoModelForCausalLM.from_pretrained(tmp_path)
+    stock, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert type(stock) is cls and config_check(stock.config)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     torch.testing.assert_close(stock(x).logits, pruned(x).logits, atol=ATOL, rtol=0)
     assert _greedy(stock, x[:1, :3]) == _greedy(pruned, x[:1, :3])
 

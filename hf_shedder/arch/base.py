@@ -299,6 +299,11 @@ class ArchAdapter(ABC):
         """Whether the pruned model is expressible as a plain base-architecture checkpoint."""
         return plan.kinds() <= {"block"}
 
+    @contextlib.contextmanager
+    def plain_export(self) -> Iterator[None]:
+        """Family hook around saving a plain checkpoint: the model as the stock architecture saves it."""
+        yield
+
     # ------------------------------------------------------------------ layer-wise forward (search)
     @abstractmethod
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:

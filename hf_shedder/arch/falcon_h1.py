@@ -13,7 +13,8 @@ Mamba branch, Mamba-Shedder's SSM removal), ``ssm_heads`` (Mamba-2 heads), ``att
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -183,6 +184,19 @@ class FalconH1Adapter(Mamba2HybridAdapter):
         for layer in self.layers():
             layer.mamba._non_persistent_buffers_set.discard("mup_vector")
         return model
+
+    @contextlib.contextmanager
+    def plain_export(self) -> Iterator[None]:
+        # The stock model computes mup_vector itself and does not save it (an unexpected key when loading).
+        # Plain export only takes whole-block plans, so the kept mixers hold the stock values.
+        mixers = [layer.mamba for layer in self.layers()]
+        for mixer in mixers:
+            mixer._non_persistent_buffers_set.add("mup_vector")
+        try:
+            yield
+        finally:
+            for mixer in mixers:
+                mixer._non_persistent_buffers_set.discard("mup_vector")
 
     def _update_config_after_block_removal(self, kept: list[int]) -> None:
         # Every Falcon-H1 layer has the same structure, so fewer layers is all the config has to say.
