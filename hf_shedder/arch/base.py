@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import PlanError
-from ..units import Plan, Unit
+from ..units import REFERENCE_KEYS, Plan, Unit
 
 Undo = Callable[[], None]
 
@@ -49,6 +49,8 @@ class ArchAdapter(ABC):
     # Kinds that live in a module shared by several layers (Zamba2's shared attention+MLP block): a unit is
     # anchored at one layer but outlives that layer's removal, since other layers still use the module.
     shared_kinds: ClassVar[frozenset[str]] = frozenset()
+    # The reference tool's plan-file keys for this family -> unit kinds (the first key of a kind is written).
+    reference_keys: ClassVar[Mapping[str, str]] = REFERENCE_KEYS
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

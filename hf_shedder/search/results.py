@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..arch import reference_keys
 from ..units import atomic_write_json
 from .plot import plot_trajectory
 
@@ -30,7 +31,7 @@ def write_results(result: SearchResult, out_dir: Path) -> None:
     result.plan.save(out_dir / "plan.json")
     ref = out_dir / "pruning_config.json"
     if len(result.plan) and result.plan.kinds() in ({"block"}, {"ssm"}):
-        atomic_write_json(ref, result.plan.to_reference())
+        atomic_write_json(ref, result.plan.to_reference(reference_keys(result.plan.family)))
     elif ref.exists():  # left by an earlier run with another plan kind: it would contradict plan.json
         ref.unlink()
     atomic_write_json(out_dir / "trajectory.json", {
