@@ -36,32 +36,24 @@ UNITS = {
     "nemotron_h": ("block", "ssm_heads", "experts"),
     "jamba": ("block", "ssm", "attn_heads"),
     "granitemoehybrid": ("block", "ssm_heads", "attn_heads"),
-    "falcon_h1": ("block", "ssm_heads", "attn"),
+    "falcon_h1": ("block", "ssm_heads", "mamba"),
     "hymba": ("block", "attn_heads", "mlp"),
 }
 
 
-def _alone_removable_blocks(adapter) -> list[int]:
-    out = []
-    for layer in range(adapter.num_layers()):
-        try:
-            adapter.validate(Plan([Unit("block", layer)]))
-        except PlanError:
-            continue
-        out.append(layer)
-    return out
-
-
 @pytest.mark.parametrize("family", list(BUILDERS))
 def test_candidates_do_not_depend_on_what_is_masked(family):
-    """The search lists the next candidates while its plan is masked: a removed block is then a stand-in
-    module, but the widths and candidates of every layer must come out as without the mask."""
+    """The search lists the next candidates while its plan is masked: a removed block or branch is then a
+    stand-in module, but the widths and candidates of every layer must come out as without the mask."""
     adapter = get_adapter(BUILDERS[family]())
-    for layer in _alone_removable_blocks(adapter):
-        plan = Plan([Unit("block", layer)], adapter.family, adapter.num_layers())
-        expected = adapter.candidates(plan, adapter.unit_kinds)
+    for unit in adapter.all_units():  # every whole component: blocks, SSMs, branches, MLPs
+        plan = Plan([unit], adapter.family, adapter.num_layers())
+        try:
+            expected = adapter.candidates(plan, adapter.unit_kinds)
+        except PlanError:  # not removable on its own (Hymba's key/value producers)
+            continue
         with adapter.masked(plan):
-            assert adapter.candidates(plan, adapter.unit_kinds) == expected
+            assert adapter.candidates(plan, adapter.unit_kinds) == expected, unit
 
 
 def _model_and_calibration(family):
