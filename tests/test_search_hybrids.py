@@ -31,7 +31,7 @@ BUILDERS = {
 # Blocks, a width kind and a whole-component kind per family (few candidates: the test stays fast).
 UNITS = {
     "mamba2": ("block", "ssm_heads"),
-    "zamba2": ("block", "ssm_heads", "hybrid"),
+    "zamba2": ("block", "hybrid", "attn_heads"),  # heads of shared blocks outlive their anchor layer's block
     "bamba": ("block", "ssm_heads", "attn_heads"),
     "nemotron_h": ("block", "ssm_heads", "experts"),
     "jamba": ("block", "ssm", "attn_heads"),
