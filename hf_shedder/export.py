@@ -110,4 +110,5 @@ def save_plain(pruned: Any, directory: str | os.PathLike[str], **kwargs: Any) ->
             "only whole-block removal maps onto the stock architecture; save without export= or with "
             "export='remote_code' instead"
         )
-    pruned.model.save_pretrained(directory, **kwargs)
+    with adapter.plain_export():
+        pruned.model.save_pretrained(directory, **kwargs)

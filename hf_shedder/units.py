@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,18 +22,10 @@ from .errors import PlanError
 
 PLAN_FORMAT = "hf_shedder.plan/1"
 
-# Reference-file keys (Mamba-Shedder and its hybrid variants) -> our unit kinds.
-REFERENCE_KEYS: dict[str, str] = {
-    "pruned_mamba_block_idx": "block",
-    "pruned_ssm_idx": "ssm",
-    "pruned_hymba_block_idx": "block",
-    "pruned_self_attn_idx": "attn",
-    "pruned_mha_idx": "attn",
-    "pruned_mlp_idx": "mlp",
-    "pruned_moe_idx": "mlp",
-}
-# Preferred key when writing a reference file for a kind.
-_REFERENCE_KEY_FOR_KIND = {"block": "pruned_mamba_block_idx", "ssm": "pruned_ssm_idx"}
+# The Mamba-Shedder reference's plan-file keys -> our unit kinds. Families whose reference scripts use
+# other keys list theirs on their adapter (``ArchAdapter.reference_keys``); the first key of a kind is the
+# one written.
+REFERENCE_KEYS: dict[str, str] = {"pruned_mamba_block_idx": "block", "pruned_ssm_idx": "ssm"}
 
 
 @dataclass(frozen=True, order=True)
@@ -136,8 +128,10 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], family: str | None = None, num_layers: int | None = None) -> Plan:
-        """Read our format or a reference file; ``family``/``num_layers`` fill in what a reference file lacks."""
+    def from_dict(cls, data: dict[str, Any], family: str | None = None, num_layers: int | None = None,
+                  reference_keys: Mapping[str, str] | None = None) -> Plan:
+        """Read our format or a reference file; ``family``/``num_layers`` fill in what a reference file lacks,
+        ``reference_keys`` (the family adapter's) says how its keys map to unit kinds."""
         if not isinstance(data, dict):
             raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
         if "units" in data:
@@ -151,12 +145,13 @@ class Plan:
                 data.get("family", family),
                 data.get("num_layers", num_layers),
             )
-        ref_keys = [k for k in data if k in REFERENCE_KEYS]
-        unknown = [k for k in data if k not in REFERENCE_KEYS]
+        known = REFERENCE_KEYS if reference_keys is None else reference_keys
+        ref_keys = [k for k in data if k in known]
+        unknown = [k for k in data if k not in known]
         if not ref_keys:
             raise PlanError(
                 "not a pruning plan: expected an hf_shedder plan ({'units': [...]}) or a Mamba-Shedder file "
-                f"with one of {sorted(REFERENCE_KEYS)}; got keys {sorted(data)}"
+                f"with one of {sorted(known)}; got keys {sorted(data)}"
             )
         if unknown:
             raise PlanError(f"unknown keys in reference plan file: {unknown}")
@@ -165,28 +160,32 @@ class Plan:
             values = data[key]
             if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
                 raise PlanError(f"{key} must be a list of layer indices, got {values!r}")
-            units.extend(Unit(REFERENCE_KEYS[key], v) for v in values)
+            units.extend(Unit(known[key], v) for v in values)
         return cls(units, family, num_layers)
 
-    def to_reference(self) -> dict[str, list[int]]:
-        """The reference tool's file content; only plans of whole blocks and/or SSMs can be written that way."""
+    def to_reference(self, reference_keys: Mapping[str, str] | None = None) -> dict[str, list[int]]:
+        """The reference tool's file content (keys: ``reference_keys``, the family adapter's, or the generic
+        ones); only whole components with a reference key can be written that way."""
+        keys: dict[str, str] = {}
+        for key, kind in (REFERENCE_KEYS if reference_keys is None else reference_keys).items():
+            keys.setdefault(kind, key)
         out: dict[str, list[int]] = {}
-        keys = dict(_REFERENCE_KEY_FOR_KIND)
-        if self.family == "hymba":  # the reference's Hymba tool names its block units differently
-            keys["block"] = "pruned_hymba_block_idx"
         for u in self.units:
             key = keys.get(u.kind)
             if key is None or u.indices:
-                raise PlanError(f"unit {u} cannot be written in the reference format (blocks and SSMs only)")
+                raise PlanError(
+                    f"unit {u} cannot be written in the reference format (whole {'/'.join(keys)} units only)"
+                )
             out.setdefault(key, []).append(u.layer)
         # SSMs first: a file is read back key by key, and an SSM may precede its layer's block, never follow it
-        return dict(sorted(out.items(), key=lambda kv: kv[0] != keys["ssm"]))
+        return dict(sorted(out.items(), key=lambda kv: kv[0] != keys.get("ssm")))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], family: str | None = None, num_layers: int | None = None) -> Plan:
+    def load(cls, path: str | os.PathLike[str], family: str | None = None, num_layers: int | None = None,
+             reference_keys: Mapping[str, str] | None = None) -> Plan:
         p = Path(path)
         if not p.is_file():
             raise PlanError(f"plan file not found: {p}")
@@ -194,7 +193,7 @@ class Plan:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise PlanError(f"plan file {p} is not valid JSON: {e}") from e
-        return cls.from_dict(data, family, num_layers)
+        return cls.from_dict(data, family, num_layers, reference_keys)
 
     def summary(self) -> str:
         counts: dict[str, int] = {}

@@ -29,6 +29,8 @@ PLANS: dict[str, dict[str, list[Unit]]] = {
         "ssm": [Unit("ssm", 2)],
         "ssm_heads": [Unit("ssm_heads", 3, (0, 2))],
         "hybrid": [Unit("hybrid", 3)],
+        "every_hybrid_use": [Unit("hybrid", 1), Unit("hybrid", 3), Unit("hybrid", 5)],
+        "every_hybrid_block": [Unit("block", 5), Unit("block", 1), Unit("block", 3)],
         "attn_heads": [Unit("attn_heads", 1, (1,)), Unit("attn_heads", 3, (0, 3))],
         "mlp_channels": [Unit("mlp_channels", 1, (0, 5, 7)), Unit("mlp_channels", 1, (9,))],
         "mixed": [Unit("attn_heads", 1, (1,)), Unit("block", 1), Unit("mlp_channels", 1, (2, 3)), Unit("ssm", 0),
@@ -37,6 +39,7 @@ PLANS: dict[str, dict[str, list[Unit]]] = {
     "bamba": {
         "block": [Unit("block", 1)],
         "ssm": [Unit("ssm", 0)],
+        "every_attention_layer": [Unit("block", 3), Unit("block", 1)],
         "ssm_heads": [Unit("ssm_heads", 2, (1, 5))],
         "attn_heads": [Unit("attn_heads", 3, (2, 3))],
         "mlp_channels": [Unit("mlp_channels", 1, (0, 5, 7))],
@@ -46,6 +49,7 @@ PLANS: dict[str, dict[str, list[Unit]]] = {
     "nemotron_h": {
         "block": [Unit("block", 2), Unit("block", 4)],
         "ssm": [Unit("ssm", 0)],
+        "every_attention_layer": [Unit("block", 2), Unit("block", 5)],
         "ssm_heads": [Unit("ssm_heads", 3, (1, 5)), Unit("ssm_heads", 3, (0, 4))],
         "attn_heads": [Unit("attn_heads", 5, (2, 3))],
         "mlp_channels": [Unit("mlp_channels", 1, (0, 5, 7))],
@@ -124,8 +128,9 @@ def test_plain_export_when_the_config_can_express_the_plan(tmp_path, family, uni
     pruned.save_pretrained(tmp_path / "m", export="plain")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["model_type"] == family
-    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    stock, info = AutoModelForCausalLM.from_pretrained(tmp_path / "m", output_loading_info=True)
     assert type(stock) is type(pruned.model)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     torch.testing.assert_close(stock(x).logits, pruned(x).logits, atol=ATOL, rtol=0)
     assert _greedy(stock, x[:1, :4]) == _greedy(pruned, x[:1, :4])
 
@@ -144,6 +149,21 @@ def test_plain_export_refused_when_the_config_cannot(tmp_path, family, units):
     with pytest.raises(PlanError, match="cannot express this plan"):
         pruned.save_pretrained(tmp_path / "m", export="plain")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("family, plan", [("zamba2", "every_hybrid_use"), ("bamba", "every_attention_layer"),
+                                          ("nemotron_h", "every_attention_layer")])
+def test_no_attention_left_saves_and_loads_but_no_plain_export(tmp_path, family, plan):
+    # Stock Transformers cannot build a cache for a model without attention; the hf_shedder checkpoint can.
+    pruned = prune(build_tiny_hybrid(family), Plan(PLANS[family][plan]))
+    with pytest.raises(PlanError, match="removes every attention layer"):
+        pruned.save_pretrained(tmp_path / "plain", export="plain")
+    assert not (tmp_path / "plain").exists()
+    pruned.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    x = _x()
+    torch.testing.assert_close(loaded(x).logits, pruned(x).logits, atol=ATOL, rtol=0)
+    assert _greedy(loaded, x[:1, :4]) == _greedy(pruned, x[:1, :4], use_cache=False)
 
 
 @pytest.mark.parametrize(
@@ -223,34 +243,3 @@ def test_mamba2_ssm_heads_masked_equals_physical_and_parameter_count():
     assert before - sum(q.numel() for q in pruned.parameters()) == removed
     mixer = pruned.model.backbone.layers[1].mixer  # layer 2 before block 0 went
     assert mixer.num_heads == 6 and mixer.shedder_heads == (0, 1, 2, 4, 5, 6)
-
-
-def test_zamba2_search_runs_and_resumes(tmp_path, monkeypatch):
-    from hf_shedder.data import CalibrationSet
-    from hf_shedder.search import SearchSettings, search
-    from hf_shedder.search.evaluator import Evaluator
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, VOCAB, (4, 24), generator=g)
-    calib = CalibrationSet(ids, torch.ones_like(ids), source="random", seed=0)
-    settings = SearchSettings(units=("hybrid", "attn_heads"), steps=2, batch_size=2, samples=4,
-                              seqlen=24, calibration="random")
-    ref = search(build_tiny_hybrid("zamba2"), calib, settings, out_dir=tmp_path / "ref", progress=False)
-    assert len(ref.plan) == 2
-    original, calls = Evaluator.layered, {"n": 0}
-
-    def flaky(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # within the second step (each step evaluates 2 batches + the base)
-            raise RuntimeError("killed")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Evaluator, "layered", flaky)
-    model = build_tiny_hybrid("zamba2")
-    with pytest.raises(RuntimeError, match="killed"):
-        search(model, calib, settings, out_dir=tmp_path / "run", progress=False)
-    monkeypatch.setattr(Evaluator, "layered", original)
-    resumed = search(model, calib, settings, out_dir=tmp_path / "run", progress=False)
-    assert resumed.plan == ref.plan
-    pruned = prune(build_tiny_hybrid("zamba2"), resumed.plan)
-    assert _greedy(pruned, ids[:1, :4]) == _greedy(pruned, ids[:1, :4], use_cache=False)

@@ -49,6 +49,10 @@ PLANS = {
         "block": [Unit("block", 1)],
         "attn": [Unit("attn", 0)],
         "every_attention_branch": [Unit("attn", i) for i in range(4)],
+        "mamba": [Unit("mamba", 1)],
+        "every_mamba_branch": [Unit("mamba", i) for i in range(4)],
+        "ssm_heads_ssm_then_mamba": [Unit("ssm_heads", 2, (0, 4)), Unit("ssm", 2), Unit("mamba", 2)],
+        "both_branches": [Unit("attn", 3), Unit("mamba", 3)],  # the layer keeps its MLP
         "ssm": [Unit("ssm", 2)],
         "ssm_heads": [Unit("ssm_heads", 2, (0, 4)), Unit("ssm_heads", 2, (3, 7))],
         "ssm_then_ssm_heads": [Unit("ssm", 3), Unit("ssm_heads", 3, (1, 5))],
@@ -56,7 +60,7 @@ PLANS = {
         "attn_heads_then_attn": [Unit("attn_heads", 0, (0, 2)), Unit("attn", 0)],
         "mlp_channels": [Unit("mlp_channels", 0, (1, 5, 7)), Unit("mlp_channels", 0, (2,))],
         "mixed": [Unit("ssm", 2), Unit("attn_heads", 1, (0, 1)), Unit("attn", 2), Unit("block", 0),
-                  Unit("mlp_channels", 3, (3, 4)), Unit("ssm_heads", 3, (2, 6))],
+                  Unit("mlp_channels", 3, (3, 4)), Unit("ssm_heads", 3, (2, 6)), Unit("mamba", 1)],
     },
 }
 CASES = [(family, name) for family, plans in PLANS.items() for name in plans]
@@ -132,8 +136,9 @@ def test_plain_export_of_block_plans(tmp_path, family, cls, blocks, config_check
     pruned = prune(build_tiny_hybrid(family), Plan([Unit("block", b) for b in blocks]))
     x = _x()
     pruned.save_pretrained(tmp_path, export="plain")
-    stock = AutoModelForCausalLM.from_pretrained(tmp_path)
+    stock, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert type(stock) is cls and config_check(stock.config)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     torch.testing.assert_close(stock(x).logits, pruned(x).logits, atol=ATOL, rtol=0)
     assert _greedy(stock, x[:1, :3]) == _greedy(pruned, x[:1, :3])
 
@@ -144,6 +149,7 @@ def test_plain_export_of_block_plans(tmp_path, family, cls, blocks, config_check
     ("jamba", [Unit("block", 1), Unit("block", 4)], "removes every attention layer"),
     ("granitemoehybrid", [Unit("block", 1), Unit("block", 4)], "removes every attention layer"),
     ("falcon_h1", [Unit("attn", 1)], "only whole-block removal"),
+    ("falcon_h1", [Unit("mamba", 1)], "only whole-block removal"),
     ("granitemoehybrid", [Unit("experts", 0, (1,))], "only whole-block removal"),
 ])
 def test_plain_export_refuses_what_the_config_cannot_express(tmp_path, family, units, match):
@@ -174,6 +180,9 @@ def test_plain_export_refuses_what_the_config_cannot_express(tmp_path, family, u
     ("granitemoehybrid", [Unit("experts", 2, (0,)), Unit("experts", 2, (1, 3))], "at least 2 experts must remain"),
     ("falcon_h1", [Unit("attn", 1), Unit("attn_heads", 1, (0, 1))], "attention of layer 1 was already removed"),
     ("falcon_h1", [Unit("block", 1), Unit("attn", 1)], "already removed as a whole block"),
+    ("falcon_h1", [Unit("mamba", 1), Unit("ssm", 1)], "Mamba branch of layer 1 was already removed"),
+    ("falcon_h1", [Unit("mamba", 1), Unit("ssm_heads", 1, (0, 4))], "Mamba branch of layer 1 was already removed"),
+    ("falcon_h1", [Unit("ssm_heads", 2, tuple(range(8)))], r"remove all 8 ssm_heads.*'mamba' unit"),
 ])
 def test_plan_errors(family, units, match):
     model = build_tiny_hybrid(family)

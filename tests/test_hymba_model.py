@@ -63,10 +63,15 @@ def test_published_config_fields_load():
         hidden_size=1600, num_attention_heads=25, num_key_value_heads=5, mamba_expand=2,
         attn_implementation="flex", kq_norm="none", v_head_dim=128, conv_dim={"0": 3200},
         global_attn_idx=[0, 15, 31], kv_reuse_group=[[1, 2], [16, 17, 18]], mlp_hidden_act="silu",
+        sliding_window=1024,
     )
     assert cfg.v_head_dim == 128 and cfg.attn_implementation_new == "flex"
     assert cfg.kv_producer_of()[17] == 16 and cfg.kv_producer_of()[15] is None
-    assert cfg.is_global_layer(15) is False or cfg.sliding_window is None
+    # with a sliding window, only the layers of global_attn_idx attend to the whole past
+    assert cfg.is_global_layer(15) is True and cfg.is_global_layer(31) is True
+    assert cfg.is_global_layer(14) is False and cfg.is_global_layer(16) is False
+    cfg.sliding_window = None
+    assert cfg.is_global_layer(14) is True
 
 
 def test_meta_tokens_change_the_output():

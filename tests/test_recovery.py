@@ -295,3 +295,22 @@ def test_cli_recover(tmp_path) -> None:  # noqa: ANN001
     assert isinstance(loaded, PrunedMambaForCausalLM)
     assert loaded.config.provenance["recovery"]["lora_r"] == 4
     assert main(["recover", str(src), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("family", ["zamba2", "nemotron_h"])
+def test_recovery_of_a_pruned_hybrid(tmp_path, family) -> None:  # noqa: ANN001
+    from tests.test_arch_hybrids import PLANS
+    from tests.tiny_hybrids import build_tiny_hybrid
+
+    model = hf_shedder.prune(build_tiny_hybrid(family), Plan(PLANS[family]["mixed"]))
+    probe = torch.randint(2, 122, (2, 12))
+    with torch.no_grad():
+        before = model(input_ids=probe).logits.clone()
+    out = str(tmp_path / "out")
+    result = recover(model, word_tokenizer(), "bundled", out, training_args=args_for(out, 2), max_length=32)
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert loaded.plan == model.plan and not any("lora" in k for k in loaded.state_dict())
+    with torch.no_grad():
+        merged, reloaded = result.model(input_ids=probe).logits, loaded(input_ids=probe).logits
+    assert (merged - before).abs().max() > 100 * LOGIT_ATOL  # the adapters were trained and merged
+    torch.testing.assert_close(reloaded, merged, atol=LOGIT_ATOL, rtol=0)

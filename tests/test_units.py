@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from hf_shedder.arch import reference_keys
 from hf_shedder.errors import PlanError
 from hf_shedder.units import Plan, Unit
 
@@ -32,6 +33,19 @@ def test_reference_files_read_and_write(tmp_path):
     assert ssm.to_reference() == {"pruned_ssm_idx": [7, 1]}
     with pytest.raises(PlanError, match="reference format"):
         Plan([Unit("ssm_heads", 0, (1,))]).to_reference()
+
+
+def test_family_reference_keys_come_from_the_adapter():
+    keys = reference_keys("hymba")  # the reference's Hymba tool names block and MLP units its own way
+    plan = Plan.from_dict({"pruned_hymba_block_idx": [3, 1], "pruned_moe_idx": [2]}, "hymba", 6, keys)
+    assert plan.units == [Unit("block", 3), Unit("block", 1), Unit("mlp", 2)]
+    assert plan.to_reference(keys) == {"pruned_hymba_block_idx": [3, 1], "pruned_moe_idx": [2]}
+    assert Plan.from_dict({"pruned_mamba_block_idx": [4]}, reference_keys=keys).units == [Unit("block", 4)]
+    assert reference_keys("mamba2") == reference_keys(None) == {"pruned_mamba_block_idx": "block", "pruned_ssm_idx": "ssm"}
+    with pytest.raises(PlanError, match="not a pruning plan"):  # not a key of the generic reference tool
+        Plan.from_dict({"pruned_hymba_block_idx": [3]})
+    with pytest.raises(PlanError, match="reference format"):
+        Plan([Unit("mlp", 2)]).to_reference()
 
 
 def test_bad_plan_files(tmp_path):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..models.hymba import HymbaConfig, HymbaForCausalLM
+from ..units import REFERENCE_KEYS
 from .bamba import BambaAdapter
 from .base import ArchAdapter, SkippedLayer
 from .falcon_h1 import FalconH1Adapter
@@ -53,6 +56,14 @@ def family_of(model_type: str) -> str:
     return adapter_class_for(model_type).family
 
 
+def reference_keys(family: str | None) -> Mapping[str, str]:
+    """The reference tool's plan-file keys of ``family`` (the generic Mamba-Shedder ones when unknown)."""
+    for cls in ADAPTERS:
+        if cls.family == family:
+            return cls.reference_keys
+    return REFERENCE_KEYS
+
+
 # Families that Transformers does not ship register their config/model classes here (e.g. Hymba).
 CUSTOM_CONFIGS: dict[str, type] = {"hymba": HymbaConfig}
 CUSTOM_MODELS: dict[str, type] = {"hymba": HymbaForCausalLM}
@@ -68,5 +79,5 @@ def custom_model_class(model_type: str) -> type | None:
 
 __all__ = [
     "ADAPTERS", "CUSTOM_CONFIGS", "CUSTOM_MODELS", "ArchAdapter", "SkippedLayer", "adapter_class_for",
-    "custom_config_class", "custom_model_class", "family_of", "get_adapter",
+    "custom_config_class", "custom_model_class", "family_of", "get_adapter", "reference_keys",
 ]

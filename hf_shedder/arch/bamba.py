@@ -7,7 +7,7 @@ Mamba-2 mixer (``layer.mamba``) or grouped-query attention with RoPE (``layer.se
 
 Units: ``block`` (a whole layer), ``ssm`` / ``ssm_heads`` (Mamba-2 layers; the gated norm spans the
 whole inner width), ``attn_heads`` (attention layers), ``mlp_channels`` (every layer). Plans of whole
-blocks export to a stock checkpoint (``attn_layer_indices`` renumbered).
+blocks export to a stock checkpoint (``attn_layer_indices`` renumbered) unless no attention layer is left.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..units import Plan
+from .hybrid_parts import keep_cache_length, refuse_plain_export_without_attention
 from .hybrid_stack import ATTENTION, MAMBA, HybridStackAdapter, SkippedTupleLayer
 from .layerwise_inputs import layer_type_masks, position_ids_for
 
@@ -33,13 +35,13 @@ class BambaAdapter(HybridStackAdapter):
         return True
 
     def _mixer_location(self, layer: int) -> tuple[nn.Module, str]:
-        return self.layers()[layer], "mamba"
+        return self.layer(layer), "mamba"
 
     def _attn_location(self, layer: int) -> tuple[nn.Module, str]:
-        return self.layers()[layer], "self_attn"
+        return self.layer(layer), "self_attn"
 
     def _mlp_location(self, layer: int) -> tuple[nn.Module, str]:
-        return self.layers()[layer], "feed_forward"
+        return self.layer(layer), "feed_forward"
 
     def _skipped(self, index: int, original: nn.Module) -> nn.Module:
         return SkippedTupleLayer(index)  # Bamba layers return (hidden_states, attn_weights)
@@ -52,6 +54,13 @@ class BambaAdapter(HybridStackAdapter):
         types = self.config.layers_block_type  # derived from attn_layer_indices
         self.config.attn_layer_indices = [new for new, old in enumerate(kept) if types[old] == "full_attention"]
         self.config.num_hidden_layers = len(kept)
+        keep_cache_length(self.config)
+
+    def block_only_export_supported(self, plan: Plan) -> bool:
+        if not super().block_only_export_supported(plan):
+            return False
+        refuse_plain_export_without_attention(self.config.layers_block_type, self.model)
+        return True
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         hidden = self.inner.embed_tokens(input_ids)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import PlanError
-from ..units import Plan, Unit
+from ..units import REFERENCE_KEYS, Plan, Unit
 
 Undo = Callable[[], None]
 
@@ -49,17 +49,29 @@ class ArchAdapter(ABC):
     # Kinds that live in a module shared by several layers (Zamba2's shared attention+MLP block): a unit is
     # anchored at one layer but outlives that layer's removal, since other layers still use the module.
     shared_kinds: ClassVar[frozenset[str]] = frozenset()
+    # The reference tool's plan-file keys for this family -> unit kinds (the first key of a kind is written).
+    reference_keys: ClassVar[Mapping[str, str]] = REFERENCE_KEYS
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config
         self._undo: list[Undo] = []
         self._masked_plan: Plan | None = None
+        self._masked_blocks: dict[int, nn.Module] = {}  # layer index -> the layer a block mask replaced
 
     # ------------------------------------------------------------------ structure
     @abstractmethod
     def layers(self) -> nn.ModuleList:
         """The decoder layers, in order."""
+
+    def layer(self, index: int) -> nn.Module:
+        """Decoder layer ``index`` as it is without a block mask.
+
+        The search keeps its plan masked while it lists the next candidates, so a removed block is then a
+        stand-in; sizes and locations of the layer's parts must still come from the layer itself.
+        """
+        held = self._masked_blocks.get(index)
+        return held if held is not None else self.layers()[index]
 
     def num_layers(self) -> int:
         return len(self.layers())
@@ -234,13 +246,19 @@ class ArchAdapter(ABC):
         if unit.kind == "block":
             layers, i = self.layers(), unit.layer
             original = layers[i]
-            layers[i] = SkippedLayer(i)
+            layers[i] = self._skipped(i, original)
+            self._masked_blocks[i] = original
 
             def undo() -> None:
                 layers[i] = original
+                self._masked_blocks.pop(i, None)
 
             return undo
         return self._mask_part(unit)
+
+    def _skipped(self, index: int, original: nn.Module) -> nn.Module:
+        """Family hook: the stand-in for masked layer ``index`` (the residual stream passes unchanged)."""
+        return SkippedLayer(index)
 
     @abstractmethod
     def _mask_part(self, unit: Unit) -> Undo:
@@ -282,6 +300,11 @@ class ArchAdapter(ABC):
     def block_only_export_supported(self, plan: Plan) -> bool:
         """Whether the pruned model is expressible as a plain base-architecture checkpoint."""
         return plan.kinds() <= {"block"}
+
+    @contextlib.contextmanager
+    def plain_export(self) -> Iterator[None]:
+        """Family hook around saving a plain checkpoint: the model as the stock architecture saves it."""
+        yield
 
     # ------------------------------------------------------------------ layer-wise forward (search)
     @abstractmethod

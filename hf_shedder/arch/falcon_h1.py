@@ -6,14 +6,16 @@ computes ``h + ssm_out_mult * mamba(n(h)) + attn_out_mult * self_attn(attn_in_mu
 and its ``in_proj`` output by the per-section ``mup_vector``; the model scales embeddings by
 ``embedding_multiplier`` and logits by ``lm_head_multiplier``.
 
-Units: ``block`` (the whole layer), ``attn`` (the attention branch), ``ssm`` (the scan inside the
-Mamba branch, Mamba-Shedder's SSM removal), ``ssm_heads`` (Mamba-2 heads), ``attn_heads`` and
-``mlp_channels``. Removing ``attn`` of every layer leaves a Mamba-2 model with MLPs.
+Units: ``block`` (the whole layer), ``attn`` (the attention branch), ``mamba`` (the Mamba branch),
+``ssm`` (the scan inside the Mamba branch, Mamba-Shedder's SSM removal), ``ssm_heads`` (Mamba-2 heads),
+``attn_heads`` and ``mlp_channels``. Removing ``attn`` of every layer leaves a Mamba-2 model with MLPs,
+removing ``mamba`` of every layer a transformer; a layer without both branches keeps its MLP.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ from torch.nn import functional as F
 
 from ..errors import PlanError
 from ..units import Plan, Unit
+from .base import Undo
 from .hybrid_parts import Mamba2HybridAdapter, keep_kv_length
 from .layerwise_inputs import layer_type_masks, position_ids_for
 from .mamba2_heads import Mamba2MixerEditor, check_ssm_heads, mixer_heads
@@ -47,6 +50,18 @@ class AttentionRemoved(nn.Module):
                 **kwargs: Any) -> tuple[torch.Tensor, None]:
         keep_kv_length(past_key_values, self.layer_idx, hidden_states)
         return torch.zeros_like(hidden_states), None
+
+
+class MambaRemoved(nn.Module):
+    """The Mamba branch of a Falcon-H1 layer, removed (unit ``mamba``): contributes nothing to the layer's sum.
+    Its cache slot's SSM state is then never written; the attention part of the slot still tracks the length."""
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
 
 
 class SiluGate(nn.Module):
@@ -124,35 +139,54 @@ def build_falcon_mixer(original: nn.Module, removed: frozenset[int], ssm: bool, 
     return mixer
 
 
-class FalconH1MixerEditor(Mamba2MixerEditor):
-    """:class:`Mamba2MixerEditor` for Falcon-H1 mixers (multipliers, optional gated norm).
+# What a layer's Mamba branch lost: heads (original numbering), its SSM, the whole branch.
+_Removed = tuple[frozenset[int], bool, bool]
 
-    Physical removal rebuilds a layer's mixer from its unpruned form with everything removed so far,
-    so ``ssm`` and ``ssm_heads`` units of one layer combine in any order.
+
+class FalconH1MixerEditor(Mamba2MixerEditor):
+    """:class:`Mamba2MixerEditor` for Falcon-H1 mixers (multipliers, optional gated norm), which can also
+    remove a layer's whole Mamba branch (``branch=True``, unit ``mamba``).
+
+    Masks and physical removal both rebuild a layer's mixer from its unpruned form with everything removed
+    so far, so ``ssm``, ``ssm_heads`` and ``mamba`` units of one layer combine in any order, and the unpruned
+    mixer (its heads and groups) stays known while the branch is masked away.
     """
 
     build = staticmethod(build_falcon_mixer)
 
     def __init__(self, locate: Any) -> None:
         super().__init__(locate)
-        self._removed: dict[int, tuple[nn.Module, frozenset[int], bool]] = {}
+        self._removed: dict[int, tuple[nn.Module, _Removed]] = {}
 
     def check_heads(self, layer: int, removed: set[int]) -> None:
         mixer = self.original(layer)
         check_ssm_heads(removed, len(mixer_heads(mixer)), mixer.n_groups, 1)
 
-    def remove(self, layer: int, heads: Sequence[int] = (), ssm: bool = False) -> None:
+    @staticmethod
+    def _combine(previous: _Removed | None, heads: Sequence[int], ssm: bool, branch: bool) -> _Removed:
+        gone, no_ssm, no_branch = previous or (frozenset(), False, False)
+        return gone | frozenset(heads), no_ssm or ssm, no_branch or branch
+
+    def _build(self, layer: int, original: nn.Module, state: _Removed, share: bool) -> nn.Module:
+        gone, no_ssm, no_branch = state
+        return MambaRemoved(layer) if no_branch else self.build(original, gone, no_ssm, share=share)
+
+    def mask(self, layer: int, heads: Sequence[int] = (), ssm: bool = False, branch: bool = False) -> Undo:
+        return self._masks.mask(layer, [self.locate(layer)], lambda prev: self._combine(prev, heads, ssm, branch),
+                                lambda original, state: self._build(layer, original, state, share=True))
+
+    def remove(self, layer: int, heads: Sequence[int] = (), ssm: bool = False, branch: bool = False) -> None:
         parent, name = self.locate(layer)
-        original, gone, no_ssm = self._removed.get(layer, (getattr(parent, name), frozenset(), False))
-        gone, no_ssm = gone | frozenset(heads), no_ssm or ssm
-        self._removed[layer] = (original, gone, no_ssm)
-        setattr(parent, name, self.build(original, gone, no_ssm, share=False))
+        original, state = self._removed.get(layer, (getattr(parent, name), None))
+        state = self._combine(state, heads, ssm, branch)
+        self._removed[layer] = (original, state)
+        setattr(parent, name, self._build(layer, original, state, share=False))
 
 
 class FalconH1Adapter(Mamba2HybridAdapter):
     family = "falcon_h1"
     model_types = ("falcon_h1",)
-    unit_kinds = ("block", "attn", "ssm", "ssm_heads", "attn_heads", "mlp_channels")
+    unit_kinds = ("block", "attn", "mamba", "ssm", "ssm_heads", "attn_heads", "mlp_channels")
     width_kinds = frozenset({"ssm_heads", "attn_heads", "mlp_channels"})
     mixer_editor_class = FalconH1MixerEditor
     layer_returns_tuple = True
@@ -162,18 +196,32 @@ class FalconH1Adapter(Mamba2HybridAdapter):
         return True  # every Falcon-H1 layer holds attention (next to its Mamba-2 mixer)
 
     def whole_kind_for(self, width_kind: str) -> str:
-        return "attn" if width_kind == "attn_heads" else "block"
+        return {"attn_heads": "attn", "ssm_heads": "mamba"}.get(width_kind, "block")
 
     def _check_unit(self, unit: Unit, state: dict[str, Any]) -> None:
         super()._check_unit(unit, state)
         if unit.kind == "attn_heads" and ("attn", unit.layer) in state["parts"]:
             raise PlanError(f"the attention of layer {unit.layer} was already removed (unit 'attn')")
+        if unit.kind in ("ssm", "ssm_heads") and ("mamba", unit.layer) in state["parts"]:
+            raise PlanError(f"the Mamba branch of layer {unit.layer} was already removed (unit 'mamba')")
 
     # ---------------------------------------------------------------- masking / physical removal
     def _edit(self, unit: Unit, *, share: bool) -> tuple[nn.Module, str, nn.Module]:
         if unit.kind == "attn":
-            return self.layers()[unit.layer], "self_attn", AttentionRemoved(unit.layer)
+            return self.layer(unit.layer), "self_attn", AttentionRemoved(unit.layer)
         return super()._edit(unit, share=share)
+
+    # The whole Mamba branch goes through the mixer editor too, so it combines with ssm / ssm_heads.
+    def _mask_part(self, unit: Unit) -> Undo:
+        if unit.kind == "mamba":
+            return self.mamba2_editor.mask(unit.layer, branch=True)
+        return super()._mask_part(unit)
+
+    def _remove_part(self, unit: Unit) -> None:
+        if unit.kind == "mamba":
+            self.mamba2_editor.remove(unit.layer, branch=True)
+        else:
+            super()._remove_part(unit)
 
     def apply_plan(self, plan: Plan) -> nn.Module:
         model = super().apply_plan(plan)
@@ -183,6 +231,19 @@ class FalconH1Adapter(Mamba2HybridAdapter):
         for layer in self.layers():
             layer.mamba._non_persistent_buffers_set.discard("mup_vector")
         return model
+
+    @contextlib.contextmanager
+    def plain_export(self) -> Iterator[None]:
+        # The stock model computes mup_vector itself and does not save it (an unexpected key when loading).
+        # Plain export only takes whole-block plans, so the kept mixers hold the stock values.
+        mixers = [layer.mamba for layer in self.layers()]
+        for mixer in mixers:
+            mixer._non_persistent_buffers_set.add("mup_vector")
+        try:
+            yield
+        finally:
+            for mixer in mixers:
+                mixer._non_persistent_buffers_set.discard("mup_vector")
 
     def _update_config_after_block_removal(self, kept: list[int]) -> None:
         # Every Falcon-H1 layer has the same structure, so fewer layers is all the config has to say.
@@ -212,5 +273,5 @@ class FalconH1Adapter(Mamba2HybridAdapter):
         return ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-__all__ = ["AttentionRemoved", "FalconH1Adapter", "ScaledLinear", "SiluGate", "falcon_ssm_free",
+__all__ = ["AttentionRemoved", "FalconH1Adapter", "MambaRemoved", "ScaledLinear", "SiluGate", "falcon_ssm_free",
            "prune_falcon_heads"]

@@ -23,6 +23,7 @@ from .base import Undo
 from .hybrid_parts import (
     ExpertMaskedLogits,
     Mamba2HybridAdapter,
+    refuse_plain_export_without_attention,
     remove_experts,
     swap_attr,
     with_length_keeper,
@@ -93,20 +94,20 @@ class GraniteMoeHybridAdapter(Mamba2HybridAdapter):
     # ---------------------------------------------------------------- masking / physical removal
     def _edit(self, unit: Unit, *, share: bool) -> tuple[nn.Module, str, nn.Module]:
         if unit.kind == "mlp_channels":
-            layer = self.layers()[unit.layer]
+            layer = self.layer(unit.layer)
             return layer, "shared_mlp", edit_shared_mlp(layer.shared_mlp, unit.indices, self.mlp_size(), share=share)
         return super()._edit(unit, share=share)
 
     # A mask hides removed experts from the router; removal slices the expert weights and the router alike.
     def _mask_part(self, unit: Unit) -> Undo:
         if unit.kind == "experts":
-            moe = self.layers()[unit.layer].block_sparse_moe
+            moe = self.layer(unit.layer).block_sparse_moe
             return swap_attr(moe, "router", MaskedTopKRouter(moe.router, unit.indices))
         return super()._mask_part(unit)
 
     def _remove_part(self, unit: Unit) -> None:
         if unit.kind == "experts":
-            moe = self.layers()[unit.layer].block_sparse_moe
+            moe = self.layer(unit.layer).block_sparse_moe
             kept = remove_experts(moe.experts, unit.indices, self.config.num_local_experts)
             w = moe.router.weight
             moe.router.weight = nn.Parameter(w.detach()[kept].clone(), requires_grad=w.requires_grad)
@@ -125,8 +126,7 @@ class GraniteMoeHybridAdapter(Mamba2HybridAdapter):
     def block_only_export_supported(self, plan: Plan) -> bool:
         if not plan.kinds() <= {"block"}:
             return False
-        if "full_attention" not in self.config.layer_types[: self.config.num_hidden_layers]:
-            self._refuse_export_without_attention()
+        refuse_plain_export_without_attention(self.config.layer_types[: self.config.num_hidden_layers], self.model)
         return True
 
     # ---------------------------------------------------------------- layer-wise forward

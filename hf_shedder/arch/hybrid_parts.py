@@ -2,19 +2,22 @@
 
 All three lay their decoder out as ``model.{..., layers[i]}`` + ``lm_head`` and mix attention
 (``self_attn``), Mamba (``mamba``) and MLP / MoE parts inside a layer. Here: module swaps, expert
-removal (and the router mask that stands for it without copying weights), stand-ins that keep HF's
-hybrid cache consistent once attention is gone, and the adapter base classes
+removal (and the router mask that stands for it without copying weights), stand-ins and config types that
+keep HF's hybrid cache consistent once attention is gone (Bamba, Nemotron-H and Zamba2 use those too), and
+the adapter base classes
 :class:`HybridAdapterMixin` and :class:`Mamba2HybridAdapter`. Query heads and MLP channels are edited
 with :func:`~hf_shedder.arch.width.edit_attention_heads` / :func:`~hf_shedder.arch.width.edit_mlp_channels`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, CacheLayerMixin
 
 from ..errors import PlanError
 from ..units import Unit
@@ -115,6 +118,13 @@ def keep_kv_length(past_key_values: Any, layer_idx: int, hidden_states: torch.Te
     past_key_values.update(zeros, zeros, layer_idx)
 
 
+def tracks_length(layer_type: str) -> bool:
+    """Whether HF's cache layer for ``layer_type`` records the sequence length (attention does; SSM,
+    MLP and MoE slots do not)."""
+    cls = DYNAMIC_LAYER_TYPE_MAPPING.get(layer_type)
+    return cls is not None and issubclass(cls, CacheLayerMixin)
+
+
 def with_length_keeper(layer_types: list[str]) -> list[str]:
     """``layer_types`` for a pruned hybrid, plus one trailing attention entry if none is left.
 
@@ -122,9 +132,51 @@ def with_length_keeper(layer_types: list[str]) -> list[str]:
     there is none, which breaks ``generate`` once every attention layer was pruned. The extra entry
     (past the last layer, so no layer reads it) gives the cache an attention slot; it stays empty.
     """
-    if any(t != "linear_attention" for t in layer_types):
+    if any(tracks_length(t) for t in layer_types):
         return layer_types
     return [*layer_types, "full_attention"]
+
+
+@functools.cache
+def _cache_types_with_keeper(base: type) -> type:
+    class WithLengthKeeper(base):  # type: ignore[misc, valid-type]
+        # The cache reads ``layer_types``; the layer pattern (what the model indexes per layer) stays as it is.
+        attribute_map = {k: v for k, v in base.attribute_map.items() if k != "layer_types"}
+
+        @property
+        def layer_types(self) -> list[str] | None:
+            pattern = self.layers_block_type
+            return None if pattern is None else with_length_keeper(list(pattern))
+
+        @layer_types.setter
+        def layer_types(self, value: list[str] | None) -> None:  # the base class's own __post_init__ sets it
+            self.layers_block_type = value
+
+    WithLengthKeeper.__name__ = WithLengthKeeper.__qualname__ = base.__name__
+    return WithLengthKeeper
+
+
+def keep_cache_length(config: Any) -> None:
+    """Apply :func:`with_length_keeper` to a config whose ``layer_types`` is an alias of its layer pattern
+    ``layers_block_type`` (Bamba, Nemotron-H, Zamba2).
+
+    Appending to the pattern itself would add a layer (Nemotron-H derives ``num_hidden_layers`` from it;
+    Bamba derives the pattern), so the config gets a class whose ``layer_types`` is the pattern plus the
+    keeper. Only for pruned models that have no attention left; such configs are not exported as plain
+    checkpoints (:func:`refuse_plain_export_without_attention`).
+    """
+    if with_length_keeper(list(config.layers_block_type)) != list(config.layers_block_type):
+        config.__class__ = _cache_types_with_keeper(type(config))
+
+
+def refuse_plain_export_without_attention(layer_types: list[str], model: nn.Module) -> None:
+    """Raise PlanError when a pruned hybrid has no layer left whose cache tracks the sequence length."""
+    if with_length_keeper(list(layer_types)) != list(layer_types):
+        raise PlanError(
+            "this plan removes every attention layer; Transformers cannot generate with a cache from a "
+            f"{type(model).__name__} that has no attention layer, so no plain checkpoint is written. "
+            "Save without export= (or export='remote_code') instead"
+        )
 
 
 class SkippedAttentionLayer(nn.Module):
@@ -208,23 +260,16 @@ class HybridAdapterMixin(ArchAdapter):
             left = self.width_size("experts", unit.layer) - len(already_removed) - len(unit.indices)
             check_experts_left(unit.layer, left, self.config.num_experts_per_tok)
 
-    def _refuse_export_without_attention(self) -> None:
-        raise PlanError(
-            "this plan removes every attention layer; Transformers cannot generate with a cache from a "
-            f"{type(self.model).__name__} that has no attention layer, so no plain checkpoint is written. "
-            "Save without export= (or export='remote_code') instead"
-        )
-
     # ---------------------------------------------------------------- masking / physical removal
-    def _mask_unit(self, unit: Unit) -> Undo:
-        if unit.kind == "block" and self.is_attention(unit.layer):
-            return swap_item(self.layers(), unit.layer, SkippedAttentionLayer(unit.layer, self.layer_returns_tuple))
-        return super()._mask_unit(unit)
+    def _skipped(self, index: int, original: nn.Module) -> nn.Module:
+        if self.is_attention(index):
+            return SkippedAttentionLayer(index, self.layer_returns_tuple)
+        return super()._skipped(index, original)
 
     def _edit(self, unit: Unit, *, share: bool) -> tuple[nn.Module, str, nn.Module]:
         """``(owner, attribute, replacement)`` for a unit: masking (``share=True``) swaps it in reversibly,
         physical removal (``share=False``) for good, so both run the same edit."""
-        layer = self.layers()[unit.layer]
+        layer = self.layer(unit.layer)
         if unit.kind == "attn_heads":
             return layer, "self_attn", edit_attention_heads(layer.self_attn, unit.indices, share=share)
         if unit.kind == "mlp_channels":
@@ -250,7 +295,7 @@ class Mamba2HybridAdapter(Mamba2UnitsMixin, HybridAdapterMixin):
     ``ssm`` / ``ssm_heads`` units of :mod:`hf_shedder.arch.mamba2_heads`."""
 
     def _mixer_location(self, layer: int) -> tuple[nn.Module, str]:
-        return self.layers()[layer], "mamba"
+        return self.layer(layer), "mamba"
 
     def width_size(self, kind: str, layer: int) -> int:
         if kind == "ssm_heads" and self.has_unit(kind, layer):
@@ -288,5 +333,6 @@ class Mamba2HybridAdapter(Mamba2UnitsMixin, HybridAdapterMixin):
 
 __all__ = [
     "ExpertMaskedLogits", "HybridAdapterMixin", "Mamba2HybridAdapter", "SkippedAttentionLayer", "check_experts_left",
-    "keep_kv_length", "remove_experts", "swap_attr", "swap_item", "with_length_keeper",
+    "keep_cache_length", "keep_kv_length", "refuse_plain_export_without_attention", "remove_experts", "swap_attr",
+    "swap_item", "tracks_length", "with_length_keeper",
 ]

@@ -119,9 +119,6 @@ class HybridStackAdapter(WidthUnitsMixin, ArchAdapter):
     def _mlp_location(self, layer: int) -> tuple[nn.Module, str]:
         raise NotImplementedError
 
-    def _skipped(self, index: int, original: nn.Module) -> nn.Module:
-        return SkippedLayer(index)
-
     @property
     def inner(self) -> nn.Module:
         return self.model.model
@@ -144,18 +141,6 @@ class HybridStackAdapter(WidthUnitsMixin, ArchAdapter):
         return getattr(parent, name).intermediate_size
 
     # ---------------------------------------------------------------- masking / removal
-    def _mask_unit(self, unit: Unit) -> Undo:
-        if unit.kind != "block":
-            return self._mask_part(unit)
-        layers, i = self.layers(), unit.layer
-        original = layers[i]
-        layers[i] = self._skipped(i, original)
-
-        def undo() -> None:
-            layers[i] = original
-
-        return undo
-
     def _mask_part(self, unit: Unit) -> Undo:
         if unit.kind in ("ssm", "ssm_heads"):
             return self._mask_mixer_unit(unit.kind, unit.layer, unit.indices)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
-from ..units import Plan, Unit
+from ..units import REFERENCE_KEYS, Plan, Unit
 from .base import ArchAdapter, Undo
 from .width import head_channels, select_depthwise_conv, select_linear, select_vector
 
@@ -50,6 +50,9 @@ class HymbaAdapter(ArchAdapter):
     # The MLP outlives the removal of its layer's hybrid-head module ("block").
     shared_kinds = frozenset({"mlp", "mlp_channels"})
     mlp_channel_slices = 8
+    # The reference's Hymba tool names its block and MLP units its own way; the generic keys are read too.
+    reference_keys = {"pruned_hymba_block_idx": "block", "pruned_self_attn_idx": "attn", "pruned_mha_idx": "attn",
+                      "pruned_moe_idx": "mlp", "pruned_mlp_idx": "mlp", **REFERENCE_KEYS}
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

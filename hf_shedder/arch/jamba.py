@@ -25,6 +25,7 @@ from .base import Undo
 from .hybrid_parts import (
     ExpertMaskedLogits,
     HybridAdapterMixin,
+    refuse_plain_export_without_attention,
     remove_experts,
     swap_attr,
     with_length_keeper,
@@ -115,20 +116,20 @@ class JambaAdapter(HybridAdapterMixin):
 
     def _edit(self, unit: Unit, *, share: bool) -> tuple[nn.Module, str, nn.Module]:
         if unit.kind == "ssm":
-            layer = self.layers()[unit.layer]
+            layer = self.layer(unit.layer)
             return layer, "mamba", self._ssm_free(layer.mamba, share=share)
         return super()._edit(unit, share=share)
 
     # A mask hides removed experts from the router; removal slices the expert weights and the router alike.
     def _mask_part(self, unit: Unit) -> Undo:
         if unit.kind == "experts":
-            moe = self.layers()[unit.layer].feed_forward
+            moe = self.layer(unit.layer).feed_forward
             return swap_attr(moe, "router", ExpertMaskedLogits(moe.router, unit.indices, moe.num_experts))
         return super()._mask_part(unit)
 
     def _remove_part(self, unit: Unit) -> None:
         if unit.kind == "experts":
-            moe = self.layers()[unit.layer].feed_forward
+            moe = self.layer(unit.layer).feed_forward
             pos = remove_experts(moe.experts, unit.indices, self._num_experts[unit.layer])
             moe.router = select_linear(moe.router, rows=pos, share=False)
             moe.num_experts = len(pos)
@@ -163,8 +164,7 @@ class JambaAdapter(HybridAdapterMixin):
     def block_only_export_supported(self, plan: Plan) -> bool:
         if not plan.kinds() <= {"block"}:
             return False
-        if "attention" not in self._block_types:
-            self._refuse_export_without_attention()
+        refuse_plain_export_without_attention(self.config.layer_types[: self.config.num_hidden_layers], self.model)
         # Otherwise a plain Jamba config expresses the layout iff it is still periodic.
         return not getattr(self.config, "_shedder_explicit_layout", False)
 

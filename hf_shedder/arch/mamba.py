@@ -36,12 +36,12 @@ class BackboneSSMAdapter(ArchAdapter):
 
     # ---------------------------------------------------------------- ssm masking / removal
     def _mixer(self, layer: int) -> nn.Module:
-        return self.layers()[layer].mixer
+        return self.layer(layer).mixer
 
     def _mask_part(self, unit: Unit) -> Undo:
         if unit.kind != "ssm":  # validate() already refused other kinds
             raise AssertionError(unit)
-        block = self.layers()[unit.layer]
+        block = self.layer(unit.layer)
         original = block.mixer
         block.mixer = SSMFreeMixer.from_mixer(original, self.ssm_variant, share=True)
 
@@ -51,7 +51,7 @@ class BackboneSSMAdapter(ArchAdapter):
         return undo
 
     def _remove_part(self, unit: Unit) -> None:
-        block = self.layers()[unit.layer]
+        block = self.layer(unit.layer)
         block.mixer = SSMFreeMixer.from_mixer(block.mixer, self.ssm_variant, share=False)
 
     def _renumber(self, layer: nn.Module, new_idx: int) -> None:
@@ -102,7 +102,7 @@ class Mamba2Adapter(Mamba2UnitsMixin, BackboneSSMAdapter):
     width_kinds = frozenset({"ssm_heads"})
 
     def _mixer_location(self, layer: int) -> tuple[nn.Module, str]:
-        return self.layers()[layer], "mixer"
+        return self.layer(layer), "mixer"
 
     def width_size(self, kind: str, layer: int) -> int:
         if kind == "ssm_heads":

@@ -31,7 +31,13 @@ from torch import nn
 from ..errors import PlanError
 from ..units import Plan, Unit
 from .base import SkippedLayer, Undo
-from .hybrid_parts import check_experts_left, remove_experts, swap_attr
+from .hybrid_parts import (
+    check_experts_left,
+    keep_cache_length,
+    refuse_plain_export_without_attention,
+    remove_experts,
+    swap_attr,
+)
 from .hybrid_stack import ATTENTION, MAMBA, MLP, MOE, HybridStackAdapter
 from .layerwise_inputs import layer_type_masks, position_ids_for
 from .mamba2_heads import ssm_head_candidates
@@ -98,7 +104,7 @@ class NemotronHAdapter(HybridStackAdapter):
         return self._layer_type(layer) == MLP
 
     def _mixer_location(self, layer: int) -> tuple[nn.Module, str]:
-        return self.layers()[layer], "mixer"
+        return self.layer(layer), "mixer"
 
     _attn_location = _mlp_location = _mixer_location
 
@@ -128,7 +134,7 @@ class NemotronHAdapter(HybridStackAdapter):
 
     def _mask_part(self, unit: Unit) -> Undo:
         if unit.kind == "experts":
-            moe = self.layers()[unit.layer].mixer
+            moe = self.layer(unit.layer).mixer
             return swap_attr(moe, "gate", masked_router(moe.gate, unit.indices))
         return super()._mask_part(unit)
 
@@ -136,7 +142,7 @@ class NemotronHAdapter(HybridStackAdapter):
         if unit.kind != "experts":
             super()._remove_part(unit)
             return
-        moe = self.layers()[unit.layer].mixer
+        moe = self.layer(unit.layer).mixer
         gate = moe.gate
         kept = remove_experts(moe.experts, unit.indices, self._num_experts)  # router rows follow the experts
         gate.weight = nn.Parameter(gate.weight.detach()[kept].clone(), requires_grad=gate.weight.requires_grad)
@@ -156,6 +162,7 @@ class NemotronHAdapter(HybridStackAdapter):
     def block_only_export_supported(self, plan: Plan) -> bool:
         if not plan.kinds() <= {"block", "experts"}:
             return False
+        refuse_plain_export_without_attention(self.config.layers_block_type, self.model)
         counts = self._moe_expert_counts()
         return len(counts) <= 1 and counts <= {self.config.n_routed_experts}
 
@@ -171,6 +178,7 @@ class NemotronHAdapter(HybridStackAdapter):
     def _update_config_after_block_removal(self, kept: list[int]) -> None:
         # num_hidden_layers is derived from the pattern in this config.
         self.config.layers_block_type = [self.config.layers_block_type[i] for i in kept]
+        keep_cache_length(self.config)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         hidden = self.inner.embeddings(input_ids)

@@ -18,7 +18,7 @@ Units:
 
 Plans of ``block``/``hybrid`` units (and ``mlp_channels`` that leave every shared block the same width)
 map onto a stock Zamba2 config when every kept use keeps its shared block (use ``k`` uses block
-``k % num_mem_blocks``); those export to a plain checkpoint.
+``k % num_mem_blocks``) and one use is left at least; those export to a plain checkpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from transformers.models.zamba2.modeling_zamba2 import Zamba2HybridLayer
 from ..errors import PlanError
 from ..units import Plan, Unit
 from .base import ArchAdapter, Undo
+from .hybrid_parts import keep_cache_length, refuse_plain_export_without_attention
 from .hybrid_stack import WidthUnitsMixin
 from .layerwise_inputs import layer_type_masks, position_ids_for
 from .stacked_masks import StackedMasks
@@ -231,6 +232,7 @@ class Zamba2Adapter(WidthUnitsMixin, ArchAdapter):
         self.config.layers_block_type = types
         self.config.num_hidden_layers = len(types)
         self.config.hybrid_layer_ids = hybrid_ids
+        keep_cache_length(self.config)
         self.inner.layers_block_type = types
         uses = [layers[i] for i in hybrid_ids]
         old_use = [layer.shedder_use for layer in uses]
@@ -277,6 +279,7 @@ class Zamba2Adapter(WidthUnitsMixin, ArchAdapter):
         and all shared MLPs have the same width. Called on the pruned model."""
         if not plan.kinds() <= {"block", "hybrid", "mlp_channels"}:
             return False
+        refuse_plain_export_without_attention(self.config.layers_block_type, self.model)
         uses = [layer for layer in self.layers() if self._is_hybrid(layer)]
         n_blocks = self.config.num_mem_blocks
         if any(layer.shared_transformer.block_id != k % n_blocks for k, layer in enumerate(uses)):

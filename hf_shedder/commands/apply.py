@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=parse_dtype(args.dtype))
     adapter = get_adapter(model)
-    plan = Plan.load(args.plan, family=adapter.family, num_layers=adapter.num_layers())
+    plan = Plan.load(args.plan, family=adapter.family, num_layers=adapter.num_layers(),
+                     reference_keys=adapter.reference_keys)
     before = count_parameters(model)
     pruned = PrunedMambaForCausalLM.from_base(model, plan, provenance={"base_model": args.model}, inplace=True)
     after = count_parameters(pruned)

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..arch import reference_keys
+from ..errors import PlanError
 from ..units import atomic_write_json
 from .plot import plot_trajectory
 
@@ -29,8 +31,12 @@ def write_results(result: SearchResult, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     result.plan.save(out_dir / "plan.json")
     ref = out_dir / "pruning_config.json"
-    if len(result.plan) and result.plan.kinds() <= {"block", "ssm"}:
-        atomic_write_json(ref, result.plan.to_reference())
+    try:  # whole blocks and/or SSMs (the family's reference keys); other plans have no reference file
+        reference = result.plan.to_reference(reference_keys(result.plan.family)) if len(result.plan) else None
+    except PlanError:
+        reference = None
+    if reference is not None:
+        atomic_write_json(ref, reference)
     elif ref.exists():  # left by an earlier run with another plan kind: it would contradict plan.json
         ref.unlink()
     atomic_write_json(out_dir / "trajectory.json", {
