@@ -53,4 +53,8 @@ def test_cli_apply_does_not_save_an_empty_tokenizer(tmp_path, capsys) -> None:
     out = tmp_path / "pruned"
     assert main(["apply", "--model", MAMBA2, "--plan", str(plan), "--out", str(out)]) == 0, capsys.readouterr().err
     assert (out / "config.json").is_file()
-    assert not any((out / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+    # the reference folder has no tokenizer: the output carries the bundled GPT-NeoX one (the model's
+    # vocabulary is NeoX-sized), never the empty one transformers would build from config.json
+    tok = load_tokenizer_for(str(out))
+    assert tok is not None and len(tok) == NEOX_SIZE and tok.eos_token == "<|endoftext|>"
+    assert tok("Hello world", add_special_tokens=False)["input_ids"] == [12092, 1533]
