@@ -299,6 +299,37 @@ def plot_sweep(res: dict[str, Any], path: str) -> None:
         plt.close(fig)
 
 
+def plot_recovery(model: str, kind: str, levels: list[dict[str, Any]], path: str) -> None:
+    """Perplexity before/after LoRA recovery per pruning level (mixed validation and its Shakespeare part)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((lv for lv in levels if "shakespeare_ppl_before" in lv), key=lambda lv: lv["units_removed"])
+    if not rows:
+        return
+    ks = [lv["units_removed"] for lv in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.8), dpi=110)
+    try:
+        for ax, (before, after, title) in zip(axes, [("ppl_before", "ppl_after", "mixed validation windows"),
+                                                     ("shakespeare_ppl_before", "shakespeare_ppl_after",
+                                                      "Shakespeare part (recovery text's domain)")]):
+            ax.plot(ks, [lv[before] for lv in rows], "o-", color="tab:red", label="pruned")
+            ax.plot(ks, [lv[after] for lv in rows], "s--", color="tab:green", label="pruned + LoRA recovery")
+            ax.set_xlabel(f"{kind} units removed (greedy plan)")
+            ax.set_ylabel("validation perplexity")
+            ax.set_xticks(ks)
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"reference {model}: LoRA recovery after {kind} removal, CPU", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     tok = load_tokenizer()
@@ -438,16 +469,16 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"| {k} | {r['greedy']['ppl'][k]:.1f} | {gu} | {r['cheap']['ppl'][k]:.1f} | {cu} | {st['median']:.1f} | "
                   f"{st['mean']:.1f} ± {st['std']:.1f} [{st['min']:.1f}, {st['max']:.1f}] |")
     rec_files = [n for n in names if n.startswith("reference_recovery_") and n.endswith(".json")]
-    levels = []
+    groups: dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
     for fname in rec_files:
         with open(os.path.join(args.results, fname)) as f:
             r = json.load(f)
         r["file"] = fname
-        levels += [(r, lv) for lv in r["levels"]]
-    if levels:
+        groups.setdefault((r["model"], r["kind"]), []).extend((r, lv) for lv in r["levels"])
+    for (model, kind), levels in sorted(groups.items()):
         r0 = levels[0][0]
         lo = r0["lora"]
-        print(f"\n**Recovery, {r0['model']} {r0['kind']}** (LoRA r={lo['r']} on {lo['targets']}, {lo['steps']} steps x "
+        print(f"\n**Recovery, {model} {kind}** (LoRA r={lo['r']} on {lo['targets']}, {lo['steps']} steps x "
               f"batch {lo['batch_size']}, lr {lo['lr']}; data: {r0['data']['rows']} rows of the calibration text):\n")
         print("| removed | plan | params | val ppl before | after | Shakespeare-part ppl before | after "
               "| train loss first -> last | seconds | file |")
@@ -455,9 +486,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         for r, lv in sorted(levels, key=lambda x: x[1]["units_removed"]):
             shk = (f"{lv['shakespeare_ppl_before']:.1f} | {lv['shakespeare_ppl_after']:.1f}"
                    if "shakespeare_ppl_before" in lv else "- | -")
-            print(f"| {lv['units_removed']} | {', '.join(lv['plan']) or '(unpruned)'} | {lv['params']:,} | "
-                  f"{lv['ppl_before']:.1f} | {lv['ppl_after']:.1f} | {shk} | {lv['train_loss_first']:.2f} -> "
-                  f"{lv['train_loss_last']:.2f} | {lv['seconds']:.0f} | {r['file']} |")
+            print(f"| {lv['units_removed']} | {', '.join(map(short_key, lv['plan'])) or '(unpruned)'} | "
+                  f"{lv['params']:,} | {lv['ppl_before']:.1f} | {lv['ppl_after']:.1f} | {shk} | "
+                  f"{lv['train_loss_first']:.2f} -> {lv['train_loss_last']:.2f} | {lv['seconds']:.0f} | {r['file']} |")
+        if args.replot:
+            plot_recovery(model, kind, [lv for _, lv in levels], os.path.join(args.plots, f"reference_recovery_{model}_{kind}.png"))
     return 0
 
 
