@@ -58,3 +58,22 @@ def test_cli_apply_does_not_save_an_empty_tokenizer(tmp_path, capsys) -> None:
     tok = load_tokenizer_for(str(out))
     assert tok is not None and len(tok) == NEOX_SIZE and tok.eos_token == "<|endoftext|>"
     assert tok("Hello world", add_special_tokens=False)["input_ids"] == [12092, 1533]
+
+
+def test_device_map_loading_gives_the_same_ppl_and_plan(tmp_path, capsys) -> None:
+    """``--device-map`` (accelerate dispatch, what a model too large for one GPU uses) goes through the
+    same evaluator and search code; on one CPU it must reproduce the plain load exactly."""
+    ppls, plans = {}, {}
+    for name, where in (("plain", ["--device", "cpu"]), ("mapped", ["--device-map", "auto"])):
+        out = tmp_path / name
+        argv = ["eval", MAMBA2, "--ppl", "bundled", "--seqlen", "64", "--ppl-limit", "2", *where,
+                "--out", str(out), "--no-progress"]
+        assert main(argv) == 0, capsys.readouterr().err
+        ppls[name] = json.loads((out / "eval_results.json").read_text())["pruned"]["perplexity"]["ppl"]
+        argv = ["prune", "--model", MAMBA2, "--units", "ssm", "--steps", "2", "--calibration", "bundled",
+                "--samples", "2", "--seqlen", "32", "--batch-size", "2", "--out", str(out / "search"),
+                *where, "--no-progress"]
+        assert main(argv) == 0, capsys.readouterr().err
+        plans[name] = json.loads((out / "search" / "plan.json").read_text())["units"]
+    assert ppls["mapped"] == ppls["plain"]
+    assert plans["mapped"] == plans["plain"] and len(plans["plain"]) == 2

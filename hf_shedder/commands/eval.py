@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tokenizer", default=None, help="tokenizer name/folder (default: the model's, else bundled GPT-NeoX)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--device-map", default=None,
+                   help="e.g. auto: spread a model too large for one GPU over several (accelerate); replaces --device")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as saved)")
     p.add_argument("--out", default=None, help="where to write eval_results.json/.csv (default: the model folder)")
     p.add_argument("--no-progress", action="store_true")
@@ -44,8 +46,12 @@ def evaluate_model(path: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from ..loading import count_parameters, load_model, parse_dtype
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(path, dtype=parse_dtype(args.dtype), device=device)
+    if args.device_map:
+        model = load_model(path, dtype=parse_dtype(args.dtype), device_map=args.device_map)
+        device = ",".join(sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})) or "cpu"
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(path, dtype=parse_dtype(args.dtype), device=device)
     tok = _tokenizer(path, args.tokenizer)
     entry: dict[str, Any] = {"model": path, "n_params": count_parameters(model), "device": device}
     if args.ppl:
