@@ -10,6 +10,10 @@ goes, and (optional, approximate) the racing variant.
 
 GPU:  python benchmarks/bench_search.py --out $OUT/search
 CPU smoke test (tiny sizes): python benchmarks/bench_search.py --quick --out /tmp/bench_search
+Trained models (the bundled 16-layer reference checkpoints, bundled calibration text, fp32), where
+candidates really differ, so early abandon and racing can be judged on plans that mean something:
+      python benchmarks/bench_search.py --reference --samples 32 --seqlen 128 --batch-size 4 --steps 4 \
+          --race 0.25 --race 0.5 --out /tmp/bench_search_ref
 """
 
 from __future__ import annotations
@@ -93,28 +97,49 @@ def parts(model, calib: CalibrationSet, batch_size: int, device: str) -> dict[st
     }
 
 
+def reference_model(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, CalibrationSet, dict[str, Any]]:
+    """A bundled trained reference model (fp32; Mamba-2 SSD chunk 16, exact and cheaper on CPU) and
+    ``samples`` windows of the bundled calibration text."""
+    import hf_shedder
+    from hf_shedder.data import load_calibration, load_tokenizer
+    from hf_shedder.loading import load_model
+
+    path = Path(hf_shedder.__file__).parent / "assets" / "reference" / name
+    model = load_model(str(path), dtype=torch.float32, **({} if name == "mamba" else {"chunk_size": 16}))
+    model.to(args.device)
+    calib = load_calibration("bundled", load_tokenizer(), n_samples=args.samples, seqlen=args.seqlen, seed=42)
+    cfg = {k: getattr(model.config, k) for k in ("num_hidden_layers", "hidden_size", "vocab_size")}
+    return model, calib, cfg
+
+
 def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     spec = MODELS[name]
-    cfg = QUICK[name] if args.quick else dict(spec["config"], num_hidden_layers=args.layers,
-                                                hidden_size=args.hidden)
-    if name == "mamba2" and not args.quick:
-        cfg["num_heads"] = cfg["expand"] * cfg["hidden_size"] // cfg["head_dim"]
-    dtype = torch.float32 if args.quick else torch.bfloat16
-    model = build(name, cfg, args.device, dtype)
+    if args.reference:
+        model, calib, cfg = reference_model(name, args)
+    else:
+        cfg = QUICK[name] if args.quick else dict(spec["config"], num_hidden_layers=args.layers,
+                                                    hidden_size=args.hidden)
+        if name == "mamba2" and not args.quick:
+            cfg["num_heads"] = cfg["expand"] * cfg["hidden_size"] // cfg["head_dim"]
+        dtype = torch.float32 if args.quick else torch.bfloat16
+        model = build(name, cfg, args.device, dtype)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, cfg["vocab_size"], (args.samples, args.seqlen), generator=g)
+        calib = CalibrationSet(ids, torch.ones_like(ids), source="random", seed=0)
     n_params = sum(p.numel() for p in model.parameters())
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg["vocab_size"], (args.samples, args.seqlen), generator=g)
-    calib = CalibrationSet(ids, torch.ones_like(ids), source="random", seed=0)
     units = tuple(args.units.split(",")) if args.units else spec["units"]
-    out: dict[str, Any] = {"model": name, "config": cfg, "params": n_params, "units": list(units),
+    out: dict[str, Any] = {"model": name, "reference": args.reference, "config": cfg, "params": n_params,
+                           "units": list(units),
                            "samples": args.samples, "seqlen": args.seqlen, "batch_size": args.batch_size,
                            "steps": args.steps}
     print(f"[{name}] {n_params / 1e6:.0f}M params, {cfg['num_hidden_layers']} layers, units {units}", flush=True)
     out["parts_s"] = parts(model, calib, args.batch_size, args.device)  # also warms up kernels / Triton JIT
     print(f"[{name}] parts (s/batch): {out['parts_s']}", flush=True)
     runs = {"plain": dict(exact_reference=True), "accelerated": {}}
-    if args.race:
-        runs["raced (approx.)"] = dict(race_fraction=args.race, race_keep=args.race_keep)
+    if args.reference:
+        runs["accelerated, no early abandon"] = dict(early_abandon=False)
+    for frac in args.race or []:
+        runs[f"raced {frac:g} (approx.)"] = dict(race_fraction=frac, race_keep=args.race_keep)
     for label, kw in runs.items():
         settings = SearchSettings(units=units, steps=args.steps, batch_size=args.batch_size,
                                   samples=args.samples, seqlen=args.seqlen, calibration="random", **kw)
@@ -134,10 +159,11 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     out["speedup"] = p["wall_s"] / a["wall_s"]
     out["layer_eval_ratio"] = p["counters"]["layer_evals"] / a["counters"]["layer_evals"]
     out["plans_identical"] = p["plan"] == a["plan"]
-    if "raced (approx.)" in out:
-        r = out["raced (approx.)"]
-        out["race_speedup"] = p["wall_s"] / r["wall_s"]
-        out["race_same_plan"] = r["plan"] == p["plan"]
+    for label in [k for k in runs if k not in ("plain", "accelerated")]:
+        r = out[label]
+        r["speedup_vs_plain"] = p["wall_s"] / r["wall_s"]
+        r["layer_eval_ratio"] = p["counters"]["layer_evals"] / r["counters"]["layer_evals"]
+        r["same_plan_as_plain"] = r["plan"] == p["plan"]
     # the time model: plain = forwards x t_forward; accelerated = layer evals x t_layer + heads x t_head
     pt = out["parts_s"]
     out["model_s"] = {
@@ -160,7 +186,9 @@ def markdown(results: list[dict[str, Any]], env: dict[str, Any], cmd: str) -> st
         f"mamba-ssm {env['mamba_ssm']}, causal-conv1d {env['causal_conv1d']}, Python {env['python']}.",
         f"Command: `{cmd}`",
         "",
-        "Random weights, bf16, random calibration tokens; both searches on the same model, tokens and steps, one process.",
+        ("Trained reference checkpoints (hf_shedder/assets/reference), fp32, bundled calibration text"
+         if results and results[0].get("reference") else "Random weights, bf16, random calibration tokens")
+        + "; every search on the same model, tokens and steps, one process.",
         "",
         "| model | units | calib | steps | plain s | accel. s | speed-up | layer evals plain / accel. | ratio | heads | same plan |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -181,10 +209,12 @@ def markdown(results: list[dict[str, Any]], env: dict[str, Any], cmd: str) -> st
         f"{r['model']}: plain {r['model_s']['plain']:.1f} s, accelerated {r['model_s']['accelerated']:.1f} s"
         for r in results))
     for r in results:
-        if "raced (approx.)" in r:
-            x = r["raced (approx.)"]
-            lines.append(f"- {r['model']} racing (APPROXIMATE, off by default): {x['wall_s']:.1f} s, "
-                         f"{r['race_speedup']:.1f}x vs plain, same plan as plain: {r['race_same_plan']}")
+        for label, x in r.items():
+            if isinstance(x, dict) and "speedup_vs_plain" in x:
+                lines.append(f"- {r['model']} {label}: {x['wall_s']:.1f} s, {x['speedup_vs_plain']:.2f}x vs plain, "
+                             f"layer evals {x['counters']['layer_evals']:,} ({x['layer_eval_ratio']:.2f}x fewer), "
+                             f"heads {x['counters']['head_evals']}, candidates {x['statuses']}, "
+                             f"same plan as plain: {x['same_plan_as_plain']}")
     return "\n".join(lines) + "\n"
 
 
@@ -214,10 +244,13 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=1)
-    ap.add_argument("--race", type=float, default=None, help="also run racing with this fraction (approximate)")
+    ap.add_argument("--race", type=float, action="append", default=None,
+                    help="also run racing with this fraction (approximate); repeat for several")
     ap.add_argument("--race-keep", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, fp32 (CPU smoke test)")
+    ap.add_argument("--reference", action="store_true",
+                    help="the bundled trained 16-layer reference models and calibration text instead of random ones")
     args = ap.parse_args()
     if args.quick:
         args.samples, args.seqlen, args.batch_size = min(args.samples, 4), min(args.seqlen, 32), 2
