@@ -10,6 +10,7 @@ from ..config import ShedderConfig
 from ..errors import CheckpointError
 from ..loading import skeleton_parameters
 from ..records import PLAN_FILE, folder_plan, folder_provenance
+from ..units import Plan
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,19 +31,7 @@ def describe(model_dir: str) -> dict:
     config = ShedderConfig.from_pretrained(model_dir)
     base, plan = config.get_base_config(), config.get_plan()
     before, after = skeleton_parameters(base), skeleton_parameters(base, plan)
-    return {
-        "export": "hf_shedder",
-        "base_model": config.provenance.get("base_model"),
-        "base_model_type": base.model_type,
-        "family": plan.family,
-        "num_layers": plan.num_layers,
-        "removed": [u.to_dict() for u in plan],
-        "summary": plan.summary(),
-        "params_before": before,
-        "params_after": after,
-        "params_ratio": after / before,
-        "provenance": config.provenance,
-    }
+    return _description("hf_shedder", base.model_type, plan, before, after, config.provenance)
 
 
 def _describe_plain(model_dir: str, raw: dict) -> dict:
@@ -57,10 +46,15 @@ def _describe_plain(model_dir: str, raw: dict) -> dict:
     provenance = folder_provenance(model_dir)
     after = skeleton_parameters(AutoConfig.from_pretrained(model_dir))
     before = (provenance.get("metrics") or {}).get("params_before")
+    return _description("plain", raw.get("model_type"), plan, before, after, provenance)
+
+
+def _description(export: str, base_type: str | None, plan: Plan, before: int | None, after: int,
+                 provenance: dict) -> dict:
     return {
-        "export": "plain",
+        "export": export,
         "base_model": provenance.get("base_model"),
-        "base_model_type": raw.get("model_type"),
+        "base_model_type": base_type,
         "family": plan.family,
         "num_layers": plan.num_layers,
         "removed": [u.to_dict() for u in plan],
