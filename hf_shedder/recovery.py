@@ -34,6 +34,7 @@ from torch import nn
 from .arch import get_adapter
 from .data import read_json_rows, render_alpaca, require_special_tokens
 from .errors import DataError, RecoveryError
+from .records import PLAN_FILE
 
 DEFAULT_DATA = "yahma/alpaca-cleaned"
 BUNDLED_DATA = "bundled"
@@ -41,7 +42,6 @@ CHECKPOINT_SUBDIR = "checkpoints"
 RUN_FILE = "recovery_run.json"  # beside the Trainer checkpoints: the settings they were trained with
 _CHECKPOINT_RE = re.compile(r"^checkpoint-\d+$")
 RECOVERY_FILE = "recovery.json"  # read by hf_shedder.hub for the model card
-PLAN_FILE = "shedder_plan.json"
 # Results of earlier stages that stay true after recovery; copied so the card of OUT can show them.
 CARRIED_FILES = ("shedder_search.json", "trajectory.png", "trajectory.csv", "trajectory.json", "pruning_config.json")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..data import valid_sources
@@ -47,22 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _tokenizer(model: str, name: str | None):  # noqa: ANN202
-    from ..data import load_tokenizer
-    from ..loading import load_tokenizer_for
-
-    if name:
-        return load_tokenizer(name)
-    tok = load_tokenizer_for(model) if Path(model).is_dir() else None
-    if tok is not None and tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok or load_tokenizer()
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import load_calibration
+    from ..data import load_calibration, tokenizer_for_model
     from ..distributed import init_from_env, rank_device
     from ..loading import count_parameters, load_model, parse_dtype
     from ..search import SearchSettings, search
@@ -78,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         race_keep=args.race_keep, split=args.split,
     )
     comm = init_from_env(device)
-    tokenizer = _tokenizer(args.model, args.tokenizer)
+    tokenizer = tokenizer_for_model(args.model, args.tokenizer)
     calib = load_calibration(args.calibration, tokenizer, n_samples=args.samples, seqlen=args.seqlen, seed=args.seed,
                              mode=args.calibration_mode)
     kwargs = {"device_map": args.device_map} if args.device_map else {}
@@ -95,23 +82,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"work: {c['layer_evals']:,} layer evaluations, {c['head_evals']:,} head evaluations, {c['seconds']:.1f} s")
         print(f"wrote {args.out}/plan.json, trajectory.csv/json/png, journal.json")
     if args.apply and comm.is_main:
-        from ..data import complete_special_tokens
         from ..modeling import PrunedMambaForCausalLM
         from ..outputs import staged_directory
-        from ..records import search_provenance, write_search_record
+        from ..records import PLAN_FILE, search_provenance, write_search_record
 
         before = count_parameters(model)
         pruned = PrunedMambaForCausalLM.from_base(model, result.plan, inplace=True)
         after = count_parameters(pruned)
         # provenance for info / card: base model, search settings, calibration ppl, parameter counts, versions
         pruned.config.provenance = search_provenance(
-            args.model, json.loads(json.dumps(settings.to_dict())), result.base_ppl, result.trajectory[-1]["ppl"],
+            args.model, settings.to_dict(), result.base_ppl, result.trajectory[-1]["ppl"],
             before, after, result.stop_reason)
         target = Path(args.out) / "model"
         with staged_directory(target, overwrite=True) as tmp:
             pruned.save_pretrained(tmp, export="remote_code")
-            pruned.config.get_plan().save(tmp / "shedder_plan.json")
-            if complete_special_tokens(tokenizer).eos_token is not None:  # never save one that cannot pad
+            pruned.config.get_plan().save(tmp / PLAN_FILE)
+            if tokenizer.eos_token is not None:  # never save one that cannot pad (special tokens completed)
                 tokenizer.save_pretrained(tmp)
             write_search_record(tmp, pruned.config.provenance, result.plan, result.trajectory, search_dir=args.out)
         print(f"pruned model: {before:,} -> {after:,} parameters ({after / before:.1%}); saved to {target}")
