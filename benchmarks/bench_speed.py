@@ -380,7 +380,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--allow-slow", action="store_true", help="run on CUDA even if the fast kernels are missing")
     p.add_argument("--from-json", default=None, help="only print the table of a saved speed_results.json")
+    p.add_argument("--stacks", action="store_true",
+                   help="Transformers eager vs hf_shedder fast path vs mamba-ssm on the full shapes (bench_stacks.py)")
+    p.add_argument("--sections", default="correctness,stacks,pruned", help="--stacks: which parts, in order")
+    p.add_argument("--runs", type=int, default=5, help="--stacks: base/pruned pairs per speed-up point")
+    p.add_argument("--eager-decode-tokens", type=int, default=32,
+                   help="--stacks: new tokens for Transformers' eager decode (about 17 tok/s at batch 1)")
     args = p.parse_args(argv)
+
+    if args.stacks:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_stacks
+
+        args.decode_tokens = args.decode_tokens or 256
+        args.repeats = args.repeats or 3
+        presets = {name: PRESETS[name] for name in args.presets.split(",")}
+        meta = {"versions": versions(), "nvidia_smi": nvidia_smi(), "kernel_resolution": kernel_resolution(),
+                "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        print(json.dumps(meta, indent=1), flush=True)
+        return bench_stacks.run(presets, make_plan, args, meta)
 
     if args.from_json:
         with open(args.from_json) as f:

@@ -68,11 +68,10 @@ if "$PY" -c "import causal_conv1d_cuda, selective_scan_cuda, mamba_ssm, causal_c
   # A warm machine keeps what an earlier call installed.
   echo "[gpu_setup] mamba_ssm and causal_conv1d already installed: no build"
 else
-  # The two builds share the 16 cores; running them side by side fills the tail of the longer one.
-  build causal_conv1d & p1=$!
-  build mamba_ssm & p2=$!
-  ok=1; wait $p1 || ok=0; wait $p2 || ok=0
-  [ $ok = 1 ] || { echo "[gpu_setup] build failed"; exit 1; }
+  # One after the other: measured 15 s + 173 s on an H200, against 418 s when both built at once
+  # (the two nvcc job pools fight over the 16 cores and the memory).
+  build causal_conv1d || { echo "[gpu_setup] causal_conv1d build failed"; exit 1; }
+  build mamba_ssm || { echo "[gpu_setup] mamba_ssm build failed"; exit 1; }
   "$PY" -m pip install -q --no-deps --no-index --no-build-isolation "$BUILD_DIR"/wheels/causal_conv1d-*.whl \
     "$BUILD_DIR"/wheels/mamba_ssm-*.whl
 fi

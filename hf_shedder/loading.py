@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
-from .modeling import base_model_class, check_checkpoint_dir
+from .modeling import PrunedMambaForCausalLM, base_model_class, check_checkpoint_dir
+from .runtime import enable_fast_path
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
@@ -48,6 +49,8 @@ def load_model(name_or_path: str, dtype: Any = None, device: str | None = None, 
         raise
     if device:
         model.to(device)
+    if not isinstance(model, PrunedMambaForCausalLM):  # a pruned model enables it on its inner model
+        enable_fast_path(model)
     return model.eval()
 
 

@@ -20,6 +20,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from .arch import custom_model_class, get_adapter
 from .config import ShedderConfig
 from .errors import CheckpointError, PlanError, UnsupportedModelError
+from .runtime import enable_fast_path
 from .units import Plan
 
 
@@ -50,7 +51,8 @@ class PrunedMambaForCausalLM(PreTrainedModel, GenerationMixin):
         if model is None:
             model = base_model_class(config.get_base_config())(config.get_base_config())
             get_adapter(model).apply_plan(config.get_plan())
-        self.model = model
+        # Fused Mamba forwards and CUDA-graph decode where the kernels and a GPU are there (no-op otherwise).
+        self.model = enable_fast_path(model)
         self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
         self.post_init()
 

@@ -51,6 +51,9 @@ class ArchAdapter(ABC):
     shared_kinds: ClassVar[frozenset[str]] = frozenset()
     # The reference tool's plan-file keys for this family -> unit kinds (the first key of a kind is written).
     reference_keys: ClassVar[Mapping[str, str]] = REFERENCE_KEYS
+    # Whether the generation cache holds only fixed-size recurrent state (conv window, SSM state), so a
+    # decode step can be captured as a CUDA graph (hf_shedder.runtime); attention caches grow.
+    recurrent_cache_only: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -26,6 +26,7 @@ class BackboneSSMAdapter(ArchAdapter):
 
     unit_kinds: ClassVar[tuple[str, ...]] = ("block", "ssm")
     ssm_variant: ClassVar[str]
+    recurrent_cache_only = True
 
     @property
     def backbone(self) -> nn.Module:

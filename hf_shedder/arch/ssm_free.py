@@ -35,6 +35,8 @@ from transformers.models.mamba2.modeling_mamba2 import (
     causal_conv1d_update,
 )
 
+from .fused_mixers import fused_kernels_for, gated_rms_norm
+
 
 def _param(t: torch.Tensor, share: bool) -> nn.Parameter:
     t = t.detach()
@@ -156,5 +158,10 @@ class SSMFreeMixer(nn.Module):
         if self.variant == "mamba1":
             y = u * self.act(gate.transpose(1, 2))
         else:
-            y = self.norm(u, gate)
+            y = None
+            kernels = fused_kernels_for(hidden_states, cache_params)  # the gated norm as one kernel
+            if kernels is not None:
+                y = gated_rms_norm(self.norm, u, gate, kernels)
+            if y is None:
+                y = self.norm(u, gate)
         return self.out_proj(y.to(dtype))

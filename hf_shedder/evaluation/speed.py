@@ -195,7 +195,38 @@ def prepare_measurements(
 
         calls[f"decode_1_{bs}"] = lambda g=generate: g(1)
         calls[f"decode_n_{bs}"] = lambda g=generate: g(decode_tokens)
+        decoder = _graph_decoder(model)
+        if decoder is not None and device.type == "cuda":  # the same decode with CUDA graphs off, for comparison
+            calls[f"decode_1_{bs}{EAGER}"] = lambda g=generate, d=decoder: _without_graphs(d, lambda: g(1))
+            calls[f"decode_n_{bs}{EAGER}"] = lambda g=generate, d=decoder: _without_graphs(d, lambda: g(decode_tokens))
     return calls
+
+
+EAGER = "_eager"  # suffix of the decode calls timed with CUDA-graph decode switched off
+
+
+def _graph_decoder(model: torch.nn.Module) -> Any:
+    from hf_shedder.modeling import PrunedMambaForCausalLM
+    from hf_shedder.runtime import graph_decoder_of
+
+    return graph_decoder_of(model.model if isinstance(model, PrunedMambaForCausalLM) else model)
+
+
+def _without_graphs(decoder: Any, fn: Callable[[], Any]) -> Any:
+    enabled, decoder.enabled = decoder.enabled, False
+    try:
+        return fn()
+    finally:
+        decoder.enabled = enabled
+
+
+def _eager_decode_extra(times: dict[str, float], decode_tokens: int, decode_batch_sizes: tuple[int, ...]) -> dict[str, Any]:
+    """``extra`` entry with eager decode rates, when the CUDA-graph decode was also timed without graphs."""
+    if not all(f"decode_n_{bs}{EAGER}" in times for bs in decode_batch_sizes):
+        return {}
+    eager = {k[: -len(EAGER)]: v for k, v in times.items() if k.endswith(EAGER)}
+    rates = _decode_rates(eager, decode_tokens, decode_batch_sizes)
+    return {"decode_tokens_per_s_eager": {str(k): v for k, v in rates.items()}}
 
 
 def _decode_rates(times: dict[str, float], decode_tokens: int, decode_batch_sizes: tuple[int, ...]) -> dict[int, float]:
@@ -250,6 +281,7 @@ def benchmark_speed(
         warmup=warmup,
         repeats=repeats,
         decode_batch_sizes=tuple(decode_batch_sizes),
+        extra=_eager_decode_extra(times, decode_tokens, tuple(decode_batch_sizes)),
     )
 
 
@@ -289,6 +321,12 @@ class SpeedComparison:
                     "n/a" if r is None else f"{r:.2f}x",
                 )
             )
+        eager_b = self.base.extra.get("decode_tokens_per_s_eager", {})
+        eager_p = self.pruned.extra.get("decode_tokens_per_s_eager", {})
+        for key in sorted(set(eager_b) & set(eager_p), key=int):
+            b, p = eager_b[key], eager_p[key]
+            rows.append((f"decode tokens/s (batch {key}, eager: CUDA graphs off)", f"{b:,.1f}", f"{p:,.1f}",
+                         f"{p / b:.2f}x"))
         mem_b, mem_p = self.base.peak_memory_bytes, self.pruned.peak_memory_bytes
         # CPU RSS is per process: a ratio means something only when each model had a process of its own
         comparable = self.base.memory_kind == "cuda_max_allocated" or (
@@ -446,6 +484,7 @@ def benchmark_pair_in_subprocesses(
             prefill_tokens_per_s=batch_size * prefill_len / med["prefill"], decode_tokens=decode_tokens,
             decode_tokens_per_s=_decode_rates(med, decode_tokens, tuple(decode_batch_sizes)),
             peak_memory_bytes=finals[k]["peak"], memory_kind=finals[k]["kind"], warmup=warmup, repeats=repeats,
-            decode_batch_sizes=tuple(decode_batch_sizes), extra={"fresh_process": True, "num_layers": r["num_layers"]},
+            decode_batch_sizes=tuple(decode_batch_sizes), extra={"fresh_process": True, "num_layers": r["num_layers"],
+                                                            **_eager_decode_extra(med, decode_tokens, tuple(decode_batch_sizes))},
         ))
     return results[0], results[1]

@@ -32,6 +32,7 @@ from ..data import CalibrationSet
 from ..distributed import Comm
 from ..errors import DataError, SearchError
 from ..loading import parse_dtype, skeleton_parameters
+from ..runtime import fused_forward
 from ..units import Plan, Unit
 from .evaluator import BASE, Evaluator, unit_key
 from .journal import JOURNAL_NAME, check_resumable, new_journal, read_journal, write_journal
@@ -546,7 +547,8 @@ def search(
     """
     settings = settings or SearchSettings()
     comm = comm or Comm()
-    with torch.no_grad():
+    # Fused Mamba forwards (mamba-ssm kernels on a GPU; unchanged elsewhere) for every candidate's forward.
+    with torch.no_grad(), fused_forward(model):
         result = _Search(model, calibration, settings, out_dir, progress, comm).run()
     if out_dir is not None and comm.is_main:
         from .results import write_results

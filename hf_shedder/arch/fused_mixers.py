@@ -1,0 +1,152 @@
+"""Fused forwards for the Mamba-1 / Mamba-2 modules of Transformers, used when mamba-ssm is installed.
+
+Transformers runs mamba-ssm's fused kernels only while training (``self.training and cache_params is
+None``); in eval it runs conv, scan, gate, norm and projection one kernel at a time. The subclasses here
+add the fused call for every no-cache forward (eval included) and otherwise run the stock forward, so
+outputs match it within the kernels' rounding. ``hf_shedder.runtime.fused`` swaps a module's class to
+its fused subclass and back (same parameters, same state-dict keys); this file is the only place that
+knows the attribute names the kernels read.
+
+Covered: ``MambaMixer`` (Mamba-1), ``Mamba2Mixer`` with one group (mamba-ssm's fused kernel normalises
+per group, Transformers' eager norm over the whole width: they agree only for ``n_groups == 1``), and
+the blocks' RMSNorms. FalconMamba's mixer (extra B/C/dt norms) and the hybrids' mixers keep their path.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.models.mamba.modeling_mamba import MambaMixer, MambaRMSNorm
+from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, Mamba2RMSNorm, MambaRMSNormGated
+
+from ..runtime.kernels import MambaKernels, kernels_apply_to
+
+_FUSABLE_ACTIVATIONS = ("silu", "swish")
+
+# The last padding mask seen and whether it was all ones: one forward passes the same mask to every
+# layer, so the check (a host sync) runs once per forward, not once per layer.
+_last_mask: tuple[weakref.ref[torch.Tensor], int, bool] | None = None
+
+
+def _mask_is_trivial(mask: torch.Tensor | None) -> bool:
+    global _last_mask
+    if mask is None:
+        return True
+    if _last_mask is not None:
+        ref, version, trivial = _last_mask
+        if ref() is mask and version == mask._version:
+            return trivial
+    trivial = bool(torch.all(mask == 1))
+    _last_mask = (weakref.ref(mask), mask._version, trivial)
+    return trivial
+
+
+def fused_kernels_for(
+    hidden: torch.Tensor, cache_params: Any = None, attention_mask: torch.Tensor | None = None
+) -> MambaKernels | None:
+    """The kernels when a mixer call can take the fused path: no cache, no padding, kernels usable here."""
+    if cache_params is not None:
+        return None
+    kernels = kernels_apply_to(hidden)
+    if kernels is None or not _mask_is_trivial(attention_mask):
+        return None
+    return kernels
+
+
+class FusedMambaMixer(MambaMixer):
+    """``MambaMixer`` whose no-cache forward is mamba-ssm's ``mamba_inner_fn`` (as its training path)."""
+
+    def forward(self, hidden_states: torch.Tensor, cache_params: Any = None, attention_mask: Any = None, **kwargs: Any):
+        kernels = fused_kernels_for(hidden_states, cache_params, attention_mask)
+        if kernels is None or self.activation not in _FUSABLE_ACTIVATIONS:
+            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+        projected = self.in_proj(hidden_states).transpose(1, 2)
+        return kernels.mamba_inner_fn(
+            projected,
+            self.conv1d.weight,
+            self.conv1d.bias if self.use_conv_bias else None,
+            self.x_proj.weight,
+            self.dt_proj.weight,
+            self.out_proj.weight,
+            self.out_proj.bias.float() if self.use_bias else None,
+            -torch.exp(self.A_log.float()),
+            None,  # B and C are input-dependent (from x_proj)
+            None,
+            self.D.float(),
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+        )
+
+
+class FusedMamba2Mixer(Mamba2Mixer):
+    """``Mamba2Mixer`` whose no-cache forward is mamba-ssm's ``mamba_split_conv1d_scan_combined``."""
+
+    def forward(self, hidden_states: torch.Tensor, cache_params: Any = None, attention_mask: Any = None, **kwargs: Any):
+        kernels = fused_kernels_for(hidden_states, cache_params, attention_mask)
+        if (
+            kernels is None
+            or self.n_groups != 1
+            or self.activation not in _FUSABLE_ACTIVATIONS
+            or not isinstance(self.norm, MambaRMSNormGated)
+            or kwargs.get("seq_idx") is not None
+        ):
+            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+        return kernels.mamba_split_conv1d_scan_combined(
+            self.in_proj(hidden_states),
+            self.conv1d.weight.squeeze(1),
+            self.conv1d.bias,
+            self.dt_bias,
+            -torch.exp(self.A_log.float()),
+            D=self.D,
+            chunk_size=self.chunk_size,
+            dt_limit=tuple(self.time_step_limit),
+            activation=self.activation,
+            rmsnorm_weight=self.norm.weight,
+            rmsnorm_eps=self.norm.variance_epsilon,
+            outproj_weight=self.out_proj.weight,
+            outproj_bias=self.out_proj.bias,
+            headdim=self.head_dim,
+            ngroups=self.n_groups,
+            norm_before_gate=False,  # Transformers' gated norm: RMSNorm(x * silu(z))
+            return_final_states=False,
+        )
+
+
+class _FusedRMSNormMixin:
+    """RMSNorm as one Triton kernel (the stock one is ~6 elementwise kernels); any cache state."""
+
+    weight: nn.Parameter
+    variance_epsilon: float
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        kernels = kernels_apply_to(hidden_states)
+        if kernels is None:
+            return super().forward(hidden_states)  # type: ignore[misc]
+        return kernels.rms_norm_fn(hidden_states, self.weight, None, eps=self.variance_epsilon)
+
+
+class FusedMambaRMSNorm(_FusedRMSNormMixin, MambaRMSNorm):
+    pass
+
+
+class FusedMamba2RMSNorm(_FusedRMSNormMixin, Mamba2RMSNorm):
+    pass
+
+
+# stock class -> fused subclass; the runtime swaps exactly these classes (never a subclass of them).
+FUSED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    MambaMixer: FusedMambaMixer,
+    Mamba2Mixer: FusedMamba2Mixer,
+    MambaRMSNorm: FusedMambaRMSNorm,
+    Mamba2RMSNorm: FusedMamba2RMSNorm,
+}
+
+
+def gated_rms_norm(norm: nn.Module, x: torch.Tensor, gate: torch.Tensor, kernels: MambaKernels) -> torch.Tensor | None:
+    """``norm(x, gate)`` as one kernel when ``norm`` is Transformers' whole-width gated RMSNorm, else None."""
+    if type(norm) is not MambaRMSNormGated:
+        return None
+    return kernels.gated_rms_norm_fn(x, norm.weight, None, z=gate, eps=norm.variance_epsilon, norm_before_gate=False)
