@@ -244,3 +244,11 @@ def test_zamba2_reference_files_load_or_are_refused_never_misread(tmp_path):
         path.write_text(json.dumps({**ok, **bad}))
         with pytest.raises(PlanError, match="per-use"):
             load_plan_for(adapter, path)
+
+
+def test_hymba_tasks_are_scored_with_acc_as_its_reference_script():
+    from hf_shedder.evaluation.harness import summarize
+
+    results = {"hellaswag": {"acc,none": 0.4, "acc_norm,none": 0.5}, "arc_easy": {"acc,none": 0.7, "acc_norm,none": 0.6}}
+    assert summarize(results)["scores"] == {"hellaswag": 0.5, "arc_easy": 0.7}  # Mamba / Zamba2 scripts
+    assert summarize(results, family="hymba")["scores"] == {"hellaswag": 0.4, "arc_easy": 0.7}
