@@ -202,6 +202,22 @@ class Plan:
         return ", ".join(f"{n} x {k}" for k, n in counts.items()) or "nothing removed"
 
 
+def load_plan_for(adapter: Any, path: str | os.PathLike[str]) -> Plan:
+    """Our plan file or any file the reference writes, read with ``adapter``'s (the model family's) meaning."""
+    p = Path(path)
+    if not p.is_file():
+        raise PlanError(f"plan file not found: {p}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise PlanError(f"plan file {p} is not valid JSON: {e}") from e
+    if isinstance(data, dict) and "units" in data:
+        return Plan.from_dict(data, adapter.family, adapter.num_layers())
+    if not isinstance(data, dict):
+        raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
+    return adapter.plan_from_reference(data)
+
+
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write JSON so that a reader never sees a half-written file (write to temp, fsync, rename)."""
     p = Path(path)

@@ -50,6 +50,8 @@ PLANS = {
     "attn": [Unit("attn", 3)],
     "attn_consumer": [Unit("attn", 2)],
     "ssm": [Unit("ssm", 1)],
+    "both_branches": [Unit("attn", 3), Unit("ssm", 3)],
+    "both_branches_consumer": [Unit("ssm", 2), Unit("attn", 2)],
     "attn_heads_group": [Unit("attn_heads", 1, (0, 1))],
     "attn_heads_ragged": [Unit("attn_heads", 3, (1,)), Unit("attn_heads", 4, (2, 3))],
     "ssm_heads": [Unit("ssm_heads", 0, (1, 3))],
@@ -110,12 +112,15 @@ def test_unit_listing_and_kv_sharing_rules():
     blocks = {u.layer for u in adapter.candidates(adapter.empty_plan(), ["block"])}
     assert blocks == {0, 2, 4, 5}  # producers 1 and 3 feed layers 2 and 4
     plan = Plan([Unit("attn", 2)], "hymba", 6)
+    # the reference's block candidates (last layer of each KV group + global layers) by default ...
+    assert Unit("block", 1) not in adapter.candidates(plan, kinds)
+    adapter.configure_search({"wide_block_candidates": True})  # ... the wider set on request
     assert Unit("block", 1) in adapter.candidates(plan, kinds)
-    assert Unit("ssm", 2) not in adapter.candidates(plan, kinds)  # would empty the module
+    adapter.configure_search({})
+    assert Unit("ssm", 2) in adapter.candidates(plan, kinds)  # both branches may go, as in the reference
     with pytest.raises(PlanError, match="reuse"):
         adapter.validate(Plan([Unit("block", 3)], "hymba", 6))
-    with pytest.raises(PlanError, match="block"):
-        adapter.validate(Plan([Unit("ssm", 0), Unit("attn", 0)], "hymba", 6))
+    adapter.validate(Plan([Unit("ssm", 0), Unit("attn", 0)], "hymba", 6))
     with pytest.raises(PlanError):
         adapter.validate(Plan([Unit("attn", 0), Unit("attn_heads", 0, (1,))], "hymba", 6))
     # MLP units outlive the removal of the hybrid-head module of their layer

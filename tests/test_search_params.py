@@ -67,7 +67,8 @@ def test_candidate_valid_only_on_top_of_the_plan(tmp_path):
     """Hymba: block@1 computes the keys/values layer 2 reuses, so it becomes a candidate only once attn@2 is
     gone; its count must be taken on top of the plan (on its own it is not a valid plan)."""
     model = build_hymba()
-    result = _search_after(model, _calib(HYMBA_VOCAB), _settings(units=("attn", "block")), Unit("attn", 2), tmp_path)
+    result = _search_after(model, _calib(HYMBA_VOCAB), _settings(units=("attn", "block"), extra={"wide_block_candidates": True}),
+                           Unit("attn", 2), tmp_path)
     rows = {c["unit"]: c for c in result.steps[1]["candidates"]}
     plan = result.plan.prefix(1)
     expected = skeleton_parameters(model.config, plan) - skeleton_parameters(model.config, plan.extended(Unit("block", 1)))

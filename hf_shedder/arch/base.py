@@ -54,6 +54,10 @@ class ArchAdapter(ABC):
     # Whether the generation cache holds only fixed-size recurrent state (conv window, SSM state), so a
     # decode step can be captured as a CUDA graph (hf_shedder.runtime); attention caches grow.
     recurrent_cache_only: ClassVar[bool] = False
+    # Unit kind -> the reference script's name for it in step-file names (``config.{target}.{step}.json``),
+    # and the key its log.json uses for that name.
+    reference_target_names: ClassVar[Mapping[str, str]] = {"block": "mamba_block", "ssm": "ssm"}
+    reference_log_target_key: ClassVar[str] = "prune_target"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -78,6 +82,18 @@ class ArchAdapter(ABC):
 
     def num_layers(self) -> int:
         return len(self.layers())
+
+    def configure_search(self, options: dict[str, Any]) -> None:
+        """Family options of a search (``SearchSettings.extra``); none by default."""
+
+    # ------------------------------------------------------------------ reference plan files
+    def plan_from_reference(self, data: dict[str, Any]) -> Plan:
+        """A plan from a file the reference writes or ships (final or per-step), in its meaning."""
+        return Plan.from_dict(data, self.family, self.num_layers(), self.reference_keys)
+
+    def reference_step_file(self, plan: Plan) -> dict[str, Any]:
+        """What the reference writes for ``plan`` (its per-step and final files)."""
+        return plan.to_reference(self.reference_keys)
 
     def empty_plan(self) -> Plan:
         return Plan([], self.family, self.num_layers())

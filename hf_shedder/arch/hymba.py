@@ -53,6 +53,10 @@ class HymbaAdapter(ArchAdapter):
     # The reference's Hymba tool names its block and MLP units its own way; the generic keys are read too.
     reference_keys = {"pruned_hymba_block_idx": "block", "pruned_self_attn_idx": "attn", "pruned_mha_idx": "attn",
                       "pruned_moe_idx": "mlp", "pruned_mlp_idx": "mlp", **REFERENCE_KEYS}
+    reference_target_names = {"block": "hymba_block", "attn": "self_attn", "ssm": "ssm", "mlp": "moe"}
+    reference_log_target_key = "pruning_target"
+    # The full-format keys of hybrid/Hymba-Pruning/prune.py:319-325, in the order it writes them.
+    REFERENCE_FULL_KEYS = ("pruned_self_attn_idx", "pruned_ssm_idx", "pruned_hymba_block_idx", "pruned_moe_idx")
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -61,6 +65,77 @@ class HymbaAdapter(ArchAdapter):
         for layer, producer in enumerate(self._producer_of):
             if producer is not None:
                 self._readers.setdefault(producer, []).append(layer)
+
+    # ---------------------------------------------------------------- the reference's block candidates
+    def reference_block_layers(self) -> list[int]:
+        """The reference's ``hymba_block`` candidates (hybrid/Hymba-Pruning/prune.py:329-332): the last layer of
+        each KV-reuse group plus the global-attention layers."""
+        groups: dict[int, list[int]] = {}
+        for layer, producer in enumerate(self._producer_of):
+            if producer is not None:
+                groups.setdefault(producer, [producer]).append(layer)
+        last = [max(g) for g in groups.values()]
+        return sorted(set(last) | set(self.config.global_attn_idx or []))
+
+    def configure_search(self, options: dict[str, Any]) -> None:
+        """``wide_block_candidates=True``: offer every ``block`` the KV-sharing rules allow (hf_shedder's
+        wider set, e.g. a group's producer once its readers are gone), not only the reference's."""
+        self.wide_block_candidates = bool(options.get("wide_block_candidates", False))
+
+    def candidates(self, plan: Plan, kinds: Sequence[str] | None = None) -> list[Unit]:
+        out = super().candidates(plan, kinds)
+        if getattr(self, "wide_block_candidates", False):
+            return out
+        allowed = set(self.reference_block_layers())
+        return [u for u in out if u.kind != "block" or u.layer in allowed]
+
+    # ---------------------------------------------------------------- reference plan files
+    def plan_from_reference(self, data: dict[str, Any]) -> Plan:
+        """Final and per-step files of the reference's Hymba script, every key; ``pruned_mlp_channels`` maps a
+        layer to the MLP width it *keeps*, a prefix (MaskLinear, prune.py:52-79, 127-134)."""
+        data = dict(data)
+        widths = data.pop("pruned_mlp_channels", {})
+        if not isinstance(widths, dict):
+            raise PlanError(f"pruned_mlp_channels must map layers to kept widths, got {widths!r}")
+        unknown = [k for k in data if k not in self.reference_keys]
+        if unknown or (not data and not widths):
+            raise PlanError(f"not a Mamba-Shedder Hymba plan file: unknown keys {unknown}; known: "
+                            f"{sorted([*self.reference_keys, 'pruned_mlp_channels'])}")
+        nonempty = {k: v for k, v in data.items() if v != []}
+        units = list(Plan.from_dict(nonempty, self.family, self.num_layers(), self.reference_keys)) if nonempty else []
+        size = self.config.intermediate_size
+        for key, width in sorted(widths.items(), key=lambda kv: int(kv[0])):
+            layer = int(key)
+            if isinstance(width, bool) or not isinstance(width, int) or not 0 < width <= size:
+                raise PlanError(f"pruned_mlp_channels[{key}] must be a width in 1..{size}, got {width!r}")
+            if width < size:
+                units.append(Unit("mlp_channels", layer, tuple(range(width, size))))
+        order = {"attn": 0, "ssm": 1, "block": 2, "mlp": 3, "mlp_channels": 4}
+        units.sort(key=lambda u: order.get(u.kind, 5))  # the reference's masks are flags: any valid order
+        plan = Plan(units, self.family, self.num_layers())
+        self.validate(plan)
+        return plan
+
+    def reference_step_file(self, plan: Plan) -> dict[str, Any]:
+        """The full format of prune.py:319-325 (kept MLP widths for every layer, keys as JSON strings)."""
+        names = {"attn": "pruned_self_attn_idx", "ssm": "pruned_ssm_idx", "block": "pruned_hymba_block_idx",
+                 "mlp": "pruned_moe_idx"}
+        out: dict[str, Any] = {k: [] for k in self.REFERENCE_FULL_KEYS}
+        size = self.config.intermediate_size
+        widths = {str(i): size for i in range(self.num_layers())}
+        for u in plan:
+            if u.kind in names:
+                out[names[u.kind]].append(u.layer)
+            elif u.kind == "mlp_channels":
+                removed = set(range(int(widths[str(u.layer)]), size)) | set(u.indices)
+                kept = size - len(removed)
+                if removed != set(range(kept, size)):
+                    raise PlanError(f"unit {u}: the reference keeps a prefix of the MLP channels, this is not one")
+                widths[str(u.layer)] = kept
+            else:
+                raise PlanError(f"unit {u} has no place in the reference's Hymba file")
+        out["pruned_mlp_channels"] = widths
+        return out
 
     @property
     def decoder(self) -> nn.Module:
@@ -116,12 +191,10 @@ class HymbaAdapter(ArchAdapter):
 
     def _check_part(self, unit: Unit, state: dict[str, Any]) -> None:
         parts, blocks = state["parts"], state["blocks"]
-        other = {"attn": "ssm", "ssm": "attn"}.get(unit.kind)
-        if other and (other, unit.layer) in parts:
-            raise PlanError(
-                f"the {other} branch of layer {unit.layer} is already removed; removing the {unit.kind} branch too "
-                f"would empty the hybrid-head module: remove the 'block' unit of that layer instead"
-            )
+        # Both branches of one layer may go, as in the reference: out_proj then reads the convolved SSM
+        # input (see HymbaBlock.forward).
+        if unit.kind in ("attn", "ssm") and (unit.kind + "_heads", unit.layer) in state["width"]:
+            raise PlanError(f"heads of the {unit.kind} branch of layer {unit.layer} were already removed")
         if unit.kind == "block":
             still_reading = [c for c in self.consumers(unit.layer) if c not in blocks and ("attn", c) not in parts]
             if still_reading:
@@ -198,6 +271,9 @@ class HymbaAdapter(ArchAdapter):
         k_full, v_full, inner = block.k_size, block.v_size, block.ssm_size
         heads = gone.kept_heads(i)
         channels = gone.kept_ssm_channels(i)
+        both = gone.has("attn", i) and gone.has("ssm", i)
+        if both:  # out_proj reads the convolved SSM input: keep in_proj's x/gate rows and the conv
+            channels = list(range(inner))
         kv_kept = stored_kv.get(self._kv_source(i))
         kv_list = list(range(cfg.num_key_value_heads)) if kv_kept is None else kv_kept
 
@@ -241,7 +317,12 @@ class HymbaAdapter(ArchAdapter):
                 block.ssm_size = len(channels)
                 block.ssm_out_index = tuple(channels)
                 _narrow_norm(block.pre_avg_layernorm2, channels, block.fused_size)
-        else:
+        if both:
+            block.conv_passthrough = True
+            for name in ("x_proj", "dt_proj", "A_log", "D", "dt_layernorm", "B_layernorm", "C_layernorm",
+                         "pre_avg_layernorm2"):
+                setattr(block, name, None)
+        elif not channels:
             block.ssm_size = 0
             for name in ("conv1d", "x_proj", "dt_proj", "A_log", "D", "dt_layernorm", "B_layernorm",
                          "C_layernorm", "pre_avg_layernorm2"):

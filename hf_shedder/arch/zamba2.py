@@ -162,6 +162,40 @@ class Zamba2Adapter(WidthUnitsMixin, ArchAdapter):
                     f"{self._blocks[unit.layer]}) was already removed; its {unit.kind} no longer matter"
                 )
 
+    # ---------------------------------------------------------------- reference plan files
+    def plan_from_reference(self, data: dict[str, Any]) -> Plan:
+        """Files of the reference's Zamba2 scripts (prune.py, prune_hybrid.py). Loaded where our units mean
+        what the reference's do: ``pruned_ssm_idx`` and ``pruned_mamba_block_idx`` at Mamba-only layers.
+        Its per-use units (``pruned_mha_idx``, ``pruned_mlp_idx``, narrowed ``pruned_mlp_channels``) and
+        ``mamba_block`` at a shared-block position (which keeps the shared transformer's output) have no
+        hf_shedder unit yet: refused, never read with another meaning."""
+        known = ("pruned_mamba_block_idx", "pruned_ssm_idx", "pruned_mha_idx", "pruned_mlp_idx", "pruned_mlp_channels")
+        unknown = [k for k in data if k not in known]
+        if unknown or not data:
+            raise PlanError(f"not a Mamba-Shedder Zamba2 plan file: unknown keys {unknown}; known: {list(known)}")
+        full = self.config.intermediate_size
+        narrowed = {k: v for k, v in (data.get("pruned_mlp_channels") or {}).items() if v != full}
+        per_use = {k: data[k] for k in ("pruned_mha_idx", "pruned_mlp_idx") if data.get(k)}
+        hybrid_blocks = [i for i in data.get("pruned_mamba_block_idx") or [] if i in self._hybrid_layers]
+        if per_use or narrowed or hybrid_blocks:
+            raise PlanError(
+                "this Zamba2 plan uses the reference's per-use units, which hf_shedder cannot express yet: "
+                + "; ".join(
+                    [f"{k}={v} (uses of the shared block)" for k, v in per_use.items()]
+                    + ([f"pruned_mlp_channels narrows uses {sorted(narrowed)}"] if narrowed else [])
+                    + ([f"pruned_mamba_block_idx {hybrid_blocks} are shared-block positions (the reference keeps the "
+                        "shared transformer's output there)"] if hybrid_blocks else [])
+                )
+            )
+        keep = {k: v for k, v in data.items() if k in ("pruned_ssm_idx", "pruned_mamba_block_idx") and v}
+        if not keep:
+            return self.empty_plan()
+        # SSMs first: the reference's masks are flags, and a block may not precede an SSM of its layer here
+        ordered = dict(sorted(keep.items(), key=lambda kv: kv[0] != "pruned_ssm_idx"))
+        plan = Plan.from_dict(ordered, self.family, self.num_layers(), self.reference_keys)
+        self.validate(plan)
+        return plan
+
     # ---------------------------------------------------------------- masking
     def _mask_part(self, unit: Unit) -> Undo:
         if unit.kind in ("ssm", "ssm_heads"):

@@ -10,7 +10,7 @@ from ..loading import count_parameters, load_model, parse_dtype
 from ..modeling import PrunedMambaForCausalLM
 from ..outputs import staged_directory
 from ..records import PLAN_FILE, PROVENANCE_FILE, library_versions
-from ..units import Plan, atomic_write_json
+from ..units import atomic_write_json, load_plan_for
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,8 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=parse_dtype(args.dtype))
     adapter = get_adapter(model)
-    plan = Plan.load(args.plan, family=adapter.family, num_layers=adapter.num_layers(),
-                     reference_keys=adapter.reference_keys)
+    plan = load_plan_for(adapter, args.plan)
     before = count_parameters(model)
     pruned = PrunedMambaForCausalLM.from_base(model, plan, provenance={"base_model": args.model}, inplace=True)
     after = count_parameters(pruned)

@@ -29,7 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("--device-map", default=None, help="e.g. auto: spread a large model over the GPUs (accelerate)")
     p.add_argument("--exact-reference", action="store_true",
-                   help="run the plain reference loop (a full forward per candidate) instead of the accelerated search")
+                   help="reproduce the reference's prune.py: plain loop, fp16, its batch size / seqlen / row sampling / "
+                        "ignore rule per family, CE on fp16 logits; also writes pruned_model_configs/ and log.json")
+    p.add_argument("--wide-block-candidates", action="store_true",
+                   help="Hymba: offer every block the KV-sharing rules allow, not only the reference's candidates "
+                        "(last layer of each KV-reuse group + global-attention layers)")
     p.add_argument("--no-early-abandon", action="store_true", help="measure every candidate on every batch")
     p.add_argument("--race", type=float, default=None, metavar="FRACTION",
                    help="APPROXIMATE: after this fraction of the batches keep only --race-keep candidates")
@@ -64,12 +68,23 @@ def run(args: argparse.Namespace) -> int:
         exact_reference=args.exact_reference, normalize=args.normalize, early_abandon=not args.no_early_abandon, race_fraction=args.race,
         race_keep=args.race_keep, split=args.split,
     )
+    if args.wide_block_candidates:
+        settings.extra["wide_block_candidates"] = True
     comm = init_from_env(device)
     tokenizer = tokenizer_for_model(args.model, args.tokenizer)
-    calib = load_calibration(args.calibration, tokenizer, n_samples=args.samples, seqlen=args.seqlen, seed=args.seed,
-                             mode=args.calibration_mode)
     kwargs = {"device_map": args.device_map} if args.device_map else {}
     model = load_model(args.model, dtype=parse_dtype(args.dtype), device=None if args.device_map else device, **kwargs)
+    if args.exact_reference:
+        import dataclasses
+
+        from ..arch import family_of
+        from ..search.reference_mode import reference_overrides
+
+        fixed = reference_overrides(family_of(model.config.model_type), tokenizer, model.config, str(device))
+        settings = dataclasses.replace(settings, **fixed)
+        print(f"--exact-reference: {fixed}")
+    calib = load_calibration(args.calibration, tokenizer, n_samples=settings.samples, seqlen=settings.seqlen,
+                             seed=settings.seed, mode=settings.calibration_mode)
     result = search(model, calib, settings, out_dir=args.out, progress=not args.no_progress, comm=comm)
     if comm.is_main:
         c = result.counters

@@ -50,9 +50,14 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or env
 
 
-def choose_metric(task: str, result: dict[str, Any]) -> str:
-    """The reference's choice: acc for arc_easy, else acc_norm where present, else acc."""
-    if task == "arc_easy":
+# Families whose reference script scores every task with plain ``acc`` (hybrid/Hymba-Pruning/prune.py:492-495).
+ACC_ONLY_FAMILIES = frozenset({"hymba"})
+
+
+def choose_metric(task: str, result: dict[str, Any], family: str | None = None) -> str:
+    """The reference's choice: acc for arc_easy, else acc_norm where present, else acc (Mamba, Zamba2
+    scripts, prune.py:268); Hymba's script uses acc for every task."""
+    if task == "arc_easy" or family in ACC_ONLY_FAMILIES:
         return "acc"
     return "acc_norm" if "acc_norm,none" in result else "acc"
 
@@ -130,14 +135,25 @@ def save_eval_results(out_dir: str, entries: dict[str, dict[str, Any]]) -> tuple
     return json_path, csv_path
 
 
-def summarize(results: dict[str, dict[str, Any]], n_samples: dict[str, Any] | None = None) -> dict[str, Any]:
+def _family(model: torch.nn.Module) -> str | None:
+    """The adapter family of ``model`` (None when no adapter knows it)."""
+    from ..arch import get_adapter
+
+    try:
+        return get_adapter(model).family
+    except Exception:  # an unknown architecture scores with the Mamba scripts' rule
+        return None
+
+
+def summarize(results: dict[str, dict[str, Any]], n_samples: dict[str, Any] | None = None,
+              family: str | None = None) -> dict[str, Any]:
     """Chosen metric per task, lambada perplexity and average, from lm-eval's ``results`` dict."""
     scores, metrics, counts = {}, {}, {}
     lambada_ppl = None
     for task, res in results.items():
         if "acc,none" not in res:
             continue  # groups or tasks without accuracy
-        metric = choose_metric(task, res)
+        metric = choose_metric(task, res, family)
         scores[task], metrics[task] = float(res[f"{metric},none"]), metric
         n = (n_samples or {}).get(task, {})
         counts[task] = int(n.get("effective", n.get("original", 0))) if isinstance(n, dict) else int(n or 0)
@@ -216,7 +232,7 @@ def evaluate_tasks(
             "configs (source='bundled') or point --task-dir at local <task>.jsonl files"
         ) from e
     results = out["results"]
-    summary = summarize(results, out.get("n-samples"))
+    summary = summarize(results, out.get("n-samples"), _family(model))
     missing = [t for t in tasks if t not in summary["scores"]]
     if missing:
         raise TaskError(f"lm-eval returned no accuracy for {', '.join(missing)}")

@@ -36,6 +36,7 @@ from ..runtime import fused_forward
 from ..units import Plan, Unit
 from .evaluator import BASE, Evaluator, unit_key
 from .journal import JOURNAL_NAME, check_resumable, new_journal, read_journal, write_journal
+from .reference_mode import reference_mean_ppl
 from .settings import SearchSettings, identity, model_identity
 
 
@@ -111,6 +112,7 @@ class _Search:
             model.to(settings.device)
         self.model = model.eval()
         self.adapter = get_adapter(model)
+        self.adapter.configure_search(settings.extra)
         self.adapter.clear_mask()
         self.empty = self.adapter.empty_plan()
         initial = self.adapter.candidates(self.empty, settings.units)
@@ -127,7 +129,7 @@ class _Search:
         if len(calibration) == 0:
             raise DataError("the calibration set has no samples")
         self.ev = Evaluator(model, self.adapter, calibration, settings.batch_size, settings.ignore_token_id,
-                            settings.cache_device)
+                            settings.cache_device, reference_numerics=settings.reference_numerics)
         if self.ev.n_valid == 0:
             raise DataError("the calibration set has no targets: every sample is padding or shorter than 2 tokens")
         self.nb = self.ev.n_batches
@@ -333,8 +335,14 @@ class _Search:
 
     def _record_base(self, part: dict[str, Any]) -> None:
         if self.journal["base"] is None and part["batches"].get(BASE) == self.nb:
-            mean = _mean(part["values"][BASE], self.ev.n_valid)
-            self.journal["base"] = {"mean_nll": mean, "ppl": _ppl(mean), "params": self.base_params}
+            mean, ppl = self._mean_ppl(part["values"][BASE])
+            self.journal["base"] = {"mean_nll": mean, "ppl": ppl, "params": self.base_params}
+
+    def _mean_ppl(self, values: list[float | None]) -> tuple[float, float]:
+        if self.settings.reference_numerics:  # the reference's fp32 mean and exp (reference_mode)
+            return reference_mean_ppl(values)
+        mean = _mean(values, self.ev.n_valid)
+        return mean, _ppl(mean)
 
     # ---- the plain reference loop: candidate after candidate, every batch through model(...)
     def _plain_step(self, plan: Plan, cands: list[Unit], part: dict[str, Any], bar: tqdm) -> None:
@@ -501,9 +509,10 @@ class _Search:
             if self.settings.normalize == "params":
                 row["params_removed"] = self._removed(plan, unit)
             if status == "done":
-                mean = _mean(part["values"][k], self.ev.n_valid)
-                score = self._score(mean, plan, unit, current_nll)
-                row.update(mean_nll=mean, ppl=_ppl(mean), score=score)
+                mean, ppl = self._mean_ppl(part["values"][k])
+                # the reference ranks by the perplexity it computed (prune.py:204)
+                score = ppl if self.settings.reference_numerics else self._score(mean, plan, unit, current_nll)
+                row.update(mean_nll=mean, ppl=ppl, score=score)
                 if best is None or score < best:  # strict: ties keep the first in candidate order
                     best, best_unit = score, unit
             else:
@@ -549,10 +558,15 @@ def search(
     comm = comm or Comm()
     # Fused Mamba forwards (mamba-ssm kernels on a GPU; unchanged elsewhere) for every candidate's forward.
     with torch.no_grad(), fused_forward(model):
-        result = _Search(model, calibration, settings, out_dir, progress, comm).run()
+        runner = _Search(model, calibration, settings, out_dir, progress, comm)
+        result = runner.run()
     if out_dir is not None and comm.is_main:
         from .results import write_results
 
         write_results(result, Path(out_dir))
+        if settings.reference_numerics:  # the reference's per-step files and log.json beside ours
+            from .reference_mode import write_reference_files
+
+            write_reference_files(result, Path(out_dir), runner.adapter)
     comm.barrier()
     return result

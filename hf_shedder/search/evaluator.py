@@ -17,6 +17,7 @@ from ..arch.base import ArchAdapter
 from ..data import CalibrationSet
 from ..evaluation.perplexity import _target_mask, head_nll, token_nll
 from ..units import Plan, Unit
+from .reference_mode import reference_sample_means
 
 BASE = "base"  # item key of the current plan itself (no candidate removed on top)
 
@@ -63,8 +64,10 @@ class Evaluator:
         batch_size: int,
         ignore_token_id: int | None = None,
         cache_device: str | None = None,
+        reference_numerics: bool = False,
     ) -> None:
         self.model = model
+        self.reference_numerics = reference_numerics  # plain(): the reference's fp16 CE (reference_mode)
         self.adapter = adapter
         self.ignore_token_id = ignore_token_id
         self.cache_device = torch.device(cache_device) if cache_device else None
@@ -155,7 +158,10 @@ class Evaluator:
             logits = self.model(input_ids=ids, attention_mask=am, use_cache=False).logits
         self.head_evals += 1
         self.candidate_batches += 1
-        out = self._per_sample(*token_nll(logits, ids, am, ignore_token_id=self.ignore_token_id))
+        if self.reference_numerics:
+            out: list[float | None] = reference_sample_means(logits, ids, self.ignore_token_id)
+        else:
+            out = self._per_sample(*token_nll(logits, ids, am, ignore_token_id=self.ignore_token_id))
         del logits
         return out
 

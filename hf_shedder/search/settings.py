@@ -33,7 +33,8 @@ class SearchSettings:
     reuses the hidden states entering each layer and gives the same plan. ``early_abandon`` (exact)
     drops a candidate as soon as its partial NLL sum proves it cannot win. ``race_fraction``/``race_keep``
     (approximate, off by default) keep only the ``race_keep`` best candidates after that fraction of
-    the calibration batches. ``normalize="params"`` ranks candidates by NLL increase per removed
+    the calibration batches. ``reference_numerics`` (with ``exact_reference``) scores as the reference's
+    utils.evaluate_ppl does: cross-entropy on fp16 logits, fp32 means (see ``reference_mode``). ``normalize="params"`` ranks candidates by NLL increase per removed
     parameter instead of raw perplexity.
     """
 
@@ -50,6 +51,7 @@ class SearchSettings:
     dtype: str | None = None
     device: str | None = None
     exact_reference: bool = False
+    reference_numerics: bool = False
     normalize: str | None = None
     early_abandon: bool = True
     race_fraction: float | None = None
@@ -83,6 +85,8 @@ class SearchSettings:
             raise SearchError(f"race_keep must be >= 1, got {self.race_keep}")
         if self.calibration_mode not in CALIBRATION_MODES:
             raise SearchError(f"calibration_mode must be one of {CALIBRATION_MODES}, got {self.calibration_mode!r}")
+        if self.reference_numerics and (not self.exact_reference or self.normalize or self.race_fraction is not None):
+            raise SearchError("reference_numerics needs the plain loop (exact_reference=True), no normalize, no racing")
         if self.split not in SPLIT_CHOICES:
             raise SearchError(f"split must be one of {SPLIT_CHOICES}, got {self.split!r}")
 
@@ -105,7 +109,7 @@ class SearchSettings:
 # path (or hub name) are the same model, so the name must not block a resume.
 INFO_ONLY = frozenset({"model.name"})
 # Identity fields added after the journal format was fixed, with the value older journals implied.
-IDENTITY_DEFAULTS = {"calibration_mode": "windows"}
+IDENTITY_DEFAULTS = {"calibration_mode": "windows", "reference_numerics": False}
 
 
 def model_identity(model: torch.nn.Module) -> dict[str, Any]:

@@ -379,6 +379,7 @@ class HymbaBlock(nn.Module):
         # reversible switches used by the pruning search (see hf_shedder.arch.hymba)
         self.attn_off = False
         self.ssm_off = False
+        self.conv_passthrough = False  # physically pruned both branches (see forward)
         self.attn_head_mask: torch.Tensor | None = None
         self.ssm_channel_mask: torch.Tensor | None = None
         # set by HymbaModel once all layers exist
@@ -476,8 +477,8 @@ class HymbaBlock(nn.Module):
         cache.keys[self.layer_idx], cache.values[self.layer_idx] = keys, values
         cache.key_slots[self.layer_idx] = slots
 
-    def _ssm(self, x: torch.Tensor, gate: torch.Tensor, ctx: HymbaForwardContext) -> torch.Tensor:
-        """x, gate: (b, len, ssm_size) -> (b, len, ssm_size)."""
+    def _ssm(self, x: torch.Tensor, gate: torch.Tensor, ctx: HymbaForwardContext, conv_only: bool = False) -> torch.Tensor:
+        """x, gate: (b, len, ssm_size) -> (b, len, ssm_size); ``conv_only``: the convolved input, no scan."""
         cache = ctx.cache
         x, gate = x.transpose(1, 2), gate.transpose(1, 2)
         if ctx.token_mask is not None:
@@ -500,6 +501,8 @@ class HymbaBlock(nn.Module):
         if self.ssm_channel_mask is not None:
             # a switched-off channel must not feed x_proj either: zero its input
             x = x * self.ssm_channel_mask.to(x.dtype)[None, :, None]
+        if conv_only:
+            return x.transpose(1, 2)
 
         params = self.x_proj[0](x.transpose(1, 2))
         time_step, B, C = torch.split(params, [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], -1)
@@ -540,6 +543,11 @@ class HymbaBlock(nn.Module):
         query, key, value, x, gate = self._split(self.in_proj(hidden_states))
         use_attn = self.has_attn and not self.attn_off
         use_ssm = self.has_ssm and not self.ssm_off
+        if self.conv_passthrough or (self.attn_off and self.ssm_off and self.has_ssm):
+            # both branches removed: Mamba-Shedder's Hymba patch then feeds the convolved SSM input
+            # straight to out_proj (attention still runs for the layers reusing its keys/values)
+            self._attention(query, key, value, ctx, need_out=False)
+            return self.out_proj(self._ssm(x, gate, ctx, conv_only=True))
         attn_out = self._attention(query, key, value, ctx, need_out=use_attn)
         ssm_out = self._ssm(x, gate, ctx) if use_ssm else None
         parts = []
