@@ -36,7 +36,6 @@ import hf_shedder
 from hf_shedder.runtime import (
     disable_fast_path,
     enable_fast_path,
-    fused_forward_enabled,
     get_kernels,
     graph_decoder_of,
 )
@@ -150,27 +149,32 @@ def set_stack(model: torch.nn.Module, stack: str) -> None:
 
 # ------------------------------------------------------------------------------------ sections
 def correctness(presets: dict[str, dict[str, Any]], make_plan: Callable[..., Any], out: dict[str, Any]) -> None:
-    """Fused vs eager logits (bf16, full shapes) and graph vs eager greedy tokens (fp32)."""
+    """Fused vs eager logits (full shapes, fp32 and bf16, with bf16's own distance from fp32 as the noise
+    floor) and greedy tokens of the graph paths vs eager decode (fp32, 8 x 1024 models)."""
     res = out.setdefault("correctness", {})
     for name, preset in presets.items():
-        model = build_hf(preset, torch.bfloat16)
+        model = build_hf(preset, torch.float32)
         ids = torch.randint(0, hf_config(preset).vocab_size, (2, min(512, SEQ)), device=DEVICE)
-        variants: list[tuple[str, torch.nn.Module]] = [("base", model)]
-        ssm_plan = make_plan(model, "ssm", 22)
-        variants.append(("22 SSMs removed", hf_shedder.prune(model, ssm_plan).model))
+        variants: list[tuple[str, torch.nn.Module]] = [("base", model),
+                                                       ("22 SSMs removed", hf_shedder.prune(model, make_plan(model, "ssm", 22)).model)]
         for label, m in variants:
-            with torch.no_grad():
-                disable_fast_path(m)
-                eager = m(ids, use_cache=False).logits.float()
-                enable_fast_path(m)
-                assert fused_forward_enabled(m) or label != "base"
-                fused = m(ids, use_cache=False).logits.float()
-            res[f"{name} / {label} / fused vs eager bf16"] = {
-                "max_abs_delta_logit": (fused - eager).abs().max().item(),
-                "max_abs_logit": eager.abs().max().item(),
-                "argmax_agreement": (fused.argmax(-1) == eager.argmax(-1)).float().mean().item(),
-            }
-            print(f"[correctness] {name} {label}: {res[f'{name} / {label} / fused vs eager bf16']}", flush=True)
+            logits = {}
+            for dtype in (torch.float32, torch.bfloat16):
+                m.to(dtype)
+                with torch.no_grad():
+                    disable_fast_path(m)
+                    logits[f"eager {dtype}"] = m(ids, use_cache=False).logits.float()
+                    enable_fast_path(m)
+                    logits[f"fused {dtype}"] = m(ids, use_cache=False).logits.float()
+            ref = logits["eager torch.float32"]
+            entry = {"max_abs_logit_fp32": ref.abs().max().item()}
+            for key in ("fused torch.float32", "eager torch.bfloat16", "fused torch.bfloat16"):
+                entry[f"{key} vs eager fp32: max_abs_delta"] = (logits[key] - ref).abs().max().item()
+                entry[f"{key} vs eager fp32: argmax_agreement"] = (logits[key].argmax(-1) == ref.argmax(-1)).float().mean().item()
+            entry["fused bf16 vs eager bf16: max_abs_delta"] = (
+                logits["fused torch.bfloat16"] - logits["eager torch.bfloat16"]).abs().max().item()
+            res[f"{name} / {label} / logits"] = entry
+            print(f"[correctness] {name} {label}: {entry}", flush=True)
         del variants, model
         gc.collect()
         torch.cuda.empty_cache()
@@ -184,12 +188,16 @@ def correctness(presets: dict[str, dict[str, Any]], make_plan: Callable[..., Any
                     disable_fast_path(m)
                     eager = _hf_generate(m, prompt, 64)
                     enable_fast_path(m)
-                    graphed = _hf_generate(m, prompt, 64)
+                    greedy_graph = _hf_generate(m, prompt, 64)  # plain greedy: one graph per token, choice included
+                    step_graph = m.generate(  # a dict output: Transformers' loop, the step replayed
+                        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=64, min_new_tokens=64,
+                        do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True).sequences
                     dec = graph_decoder_of(m)
                 key = f"{name} 8x1024 fp32 / {label} / batch {batch}"
-                res[key] = {"greedy_tokens_equal": bool(torch.equal(eager, graphed)),
-                            "first_mismatch": _first_mismatch(eager, graphed),
-                            "graph_replays": dec.replays if dec else 0, "graph_captures": dec.captures if dec else 0}
+                res[key] = {"greedy_graph_tokens_equal_eager": bool(torch.equal(eager, greedy_graph)),
+                            "step_graph_tokens_equal_eager": bool(torch.equal(eager, step_graph)),
+                            "first_mismatch": _first_mismatch(eager, greedy_graph),
+                            "step_graph_replays": dec.replays if dec else 0}
                 print(f"[correctness] {key}: {res[key]}", flush=True)
         del small
         gc.collect()
@@ -241,6 +249,45 @@ def stacks(presets: dict[str, dict[str, Any]], args: Any, out: dict[str, Any], s
         gc.collect()
         torch.cuda.empty_cache()
         save()
+
+
+def fast(presets: dict[str, dict[str, Any]], args: Any, out: dict[str, Any], save: Callable[[], None]) -> None:
+    """hf_shedder's fast path alone (forward + CE, decode): the quick re-measure of a change."""
+    res = out.setdefault("fast", {})
+    for name, preset in presets.items():
+        vocab = hf_config(preset).vocab_size
+        model = build_hf(preset, torch.bfloat16)
+        enable_fast_path(model)
+        e = res.setdefault(name, {})
+        for batch in (1, 16):
+            e[f"decode_b{batch}"] = decode_rate(model, batch, args.decode_tokens, vocab, args.repeats, "hf_shedder")
+            print(f"[fast] {name} decode b{batch}: {e[f'decode_b{batch}']['tok_s']:,.1f} tok/s", flush=True)
+        for batch in (8, 2):
+            e[f"forward_ce_b{batch}"] = forward_ce_rate(model, batch, SEQ, vocab, args.repeats, hf=True)
+            print(f"[fast] {name} fwd+CE b{batch}: {e[f'forward_ce_b{batch}']['tok_s']:,.0f} tok/s", flush=True)
+        save()
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def anchor(presets: dict[str, dict[str, Any]], args: Any, out: dict[str, Any], save: Callable[[], None]) -> None:
+    """mamba-ssm alone, same measurements (when the other stacks were measured in an earlier run)."""
+    res = out.setdefault("anchor", {})
+    for name, preset in presets.items():
+        vocab = hf_config(preset).vocab_size
+        ref = build_mamba_ssm(preset, torch.float16)
+        e = res.setdefault(name, {"dtype": "float16"})
+        for batch in (1, 16):
+            e[f"decode_b{batch}"] = decode_rate(ref, batch, args.decode_tokens, vocab, args.repeats, "mamba_ssm")
+            print(f"[anchor] {name} mamba_ssm decode b{batch}: {e[f'decode_b{batch}']['tok_s']:,.1f} tok/s", flush=True)
+        for batch in (8, 2):
+            e[f"forward_ce_b{batch}"] = forward_ce_rate(ref, batch, SEQ, vocab, args.repeats, hf=False)
+            print(f"[anchor] {name} mamba_ssm fwd+CE b{batch}: {e[f'forward_ce_b{batch}']['tok_s']:,.0f} tok/s", flush=True)
+        save()
+        del ref
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 PRUNED_POINTS = {
@@ -329,6 +376,12 @@ def run(presets: dict[str, dict[str, Any]], make_plan: Callable[..., Any], args:
                 stacks(presets, args, out, save)
             elif section == "pruned":
                 pruned_ratios(presets, make_plan, args, out, save, deadline)
+            elif section == "fast":
+                fast(presets, args, out, save)
+            elif section == "anchor":
+                anchor(presets, args, out, save)
+            else:
+                raise ValueError(f"unknown section {section!r}")
         except Exception as ex:
             import traceback
 

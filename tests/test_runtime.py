@@ -109,8 +109,31 @@ def stand_in_kernels(calls: Calls) -> MambaKernels:
         assert not norm_before_gate and group_size is None
         return _rms(x.float() * F.silu(z.float()), weight, eps).to(x.dtype)
 
+    def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+        calls.hit("causal_conv1d_update")
+        conv_state.copy_(torch.cat([conv_state[:, :, 1:], x[:, :, None].to(conv_state.dtype)], dim=-1))
+        out = (conv_state * weight[None]).sum(-1) + (0 if bias is None else bias)
+        return F.silu(out).to(x.dtype)
+
+    def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+        calls.hit("selective_state_update")
+        has_heads = state.dim() > 3
+        if not has_heads:  # Mamba-1: one "head" of width d_inner
+            state, x, dt, A, B, C = state[:, None], x[:, None], dt[:, None], A[None], B[:, None], C[:, None]
+            D = None if D is None else D[None]
+            z = None if z is None else z[:, None]
+            dt_bias = None if dt_bias is None else dt_bias[None]
+        dt = dt + dt_bias if dt_bias is not None else dt
+        dt = F.softplus(dt) if dt_softplus else dt
+        per_group = state.shape[1] // B.shape[1]
+        B, C = B.repeat_interleave(per_group, dim=1), C.repeat_interleave(per_group, dim=1)
+        state.copy_(state * torch.exp(dt[..., None] * A) + (dt * x)[..., None] * B[:, :, None, :])
+        out = (state * C[:, :, None, :]).sum(-1) + (0 if D is None else x * D)
+        out = out * F.silu(z) if z is not None else out
+        return out if has_heads else out[:, 0]
+
     return MambaKernels(mamba_inner_fn, mamba_split_conv1d_scan_combined, rms_norm_fn, gated_rms_norm_fn,
-                        source="test stand-ins")
+                        causal_conv1d_update, selective_state_update, source="test stand-ins")
 
 
 def _model(family: str) -> torch.nn.Module:
@@ -168,6 +191,21 @@ def test_fused_calls_reach_the_kernels_with_the_right_arguments(family: str) -> 
     assert cached.logits.shape == ref.shape
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert not fused_forward_enabled(model)  # the context restored the stock classes
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_fused_decode_step_gives_the_stock_tokens(family: str) -> None:
+    model = _model(family)
+    prompt = torch.randint(0, VOCAB, (2, 6))
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  attention_mask=torch.ones_like(prompt), output_logits=True, return_dict_in_generate=True)
+    ref = model.generate(prompt, **kwargs)
+    calls = Calls()
+    with fused_forward(model), override_kernels(stand_in_kernels(calls)):
+        out = model.generate(prompt, **kwargs)
+    assert calls.count["selective_state_update"] == 3 * 7 and calls.count["causal_conv1d_update"] == 3 * 7
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), atol=1e-4, rtol=1e-4)
 
 
 def test_ssm_free_mixer_uses_the_fused_gated_norm() -> None:
@@ -262,6 +300,47 @@ def test_hybrid_with_attention_cache_is_not_captured() -> None:
     assert wrapper is not None and wrapper.cache_grows
 
 
+# ----------------------------------------------------------------------------- greedy decode bookkeeping
+def test_greedy_request_takes_plain_greedy_only() -> None:
+    from hf_shedder.runtime.greedy_decode import greedy_request
+
+    model = _model("mamba")
+    ids = torch.randint(0, VOCAB, (2, 5))
+    req = greedy_request(model, (ids,), {"max_new_tokens": 7, "min_new_tokens": 3, "eos_token_id": [4, 9],
+                                          "pad_token_id": 1, "attention_mask": torch.ones_like(ids)})
+    assert (req.new_tokens, req.min_new, req.eos, req.pad) == (7, 3, [4, 9], 1)
+    assert greedy_request(model, (ids,), {"max_length": 9, "min_length": 7, "eos_token_id": 4}).new_tokens == 4
+    assert greedy_request(model, (ids,), {"max_length": 9, "min_length": 7, "eos_token_id": 4}).min_new == 2
+    padded = torch.ones_like(ids)
+    padded[0, 0] = 0
+    for kwargs in ({"do_sample": True}, {"num_beams": 2}, {"return_dict_in_generate": True},
+                   {"repetition_penalty": 1.2}, {"attention_mask": padded}, {"streamer": object()}):
+        assert greedy_request(model, (ids,), {"max_new_tokens": 4, **kwargs}) is None, kwargs
+    assert greedy_request(model, (ids,), {"max_length": 3}) is None  # nothing left to generate: Transformers' rules
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_greedy_loop_matches_transformers_greedy(family: str) -> None:
+    from hf_shedder.runtime.greedy_decode import GreedyGraphGenerate, greedy_request
+
+    model = _model(family)
+    prompt = torch.randint(0, VOCAB, (3, 5))
+    base = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None,
+                          attention_mask=torch.ones_like(prompt))
+    runner = GreedyGraphGenerate(model)
+    cases = [{"max_new_tokens": 12, "eos_token_id": None}]
+    # End-of-sequence ids the model really produces: rows end at different steps, some never.
+    eos = int(base[0, 5 + 2])
+    cases += [{"max_new_tokens": 12, "eos_token_id": eos}, {"max_new_tokens": 12, "eos_token_id": [eos, int(base[1, 9])]},
+              {"max_new_tokens": 12, "min_new_tokens": 6, "eos_token_id": eos}, {"max_length": 14, "min_length": 9,
+                                                                                  "eos_token_id": eos}]
+    for kwargs in cases:
+        kwargs = {"pad_token_id": 0, "do_sample": False, **kwargs}
+        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+        ours = runner.greedy(greedy_request(model, (prompt,), kwargs), capture=False)
+        assert torch.equal(ours, ref), kwargs
+
+
 # ----------------------------------------------------------------------------- on a GPU
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU")
 
@@ -284,5 +363,15 @@ def test_graph_decode_gives_eager_tokens_fp32(family: str, plan: str | None) -> 
     single = model.generate(prompt[:1], **{**kwargs, "attention_mask": kwargs["attention_mask"][:1]})
     assert torch.equal(graphed, eager) and torch.equal(again, eager)
     assert torch.equal(single, eager[:1])
-    assert wrapper.captures == 2 and sorted(wrapper.graphs) == [1, 3]
-    assert wrapper.replays == 3 * 19
+    # Plain greedy calls take the one-graph greedy loop; a sampling call takes generate with replayed steps.
+    greedy = model.__dict__["generate"]
+    assert greedy.calls == 3 and sorted(greedy.graphs) == [1, 3]
+    eos = int(eager[0, 7 + 4])
+    eos_kwargs = {**kwargs, "eos_token_id": eos, "min_new_tokens": 2}
+    disable_fast_path(model)
+    eager_eos = model.generate(prompt, **eos_kwargs)
+    enable_fast_path(model)
+    assert torch.equal(model.generate(prompt, **eos_kwargs), eager_eos)
+    torch.manual_seed(0)
+    sampled = model.generate(prompt, **{**kwargs, "do_sample": True, "top_k": 5})
+    assert sampled.shape == eager.shape and wrapper.replays == 19 and wrapper.captures == 1

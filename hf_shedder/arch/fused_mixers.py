@@ -18,6 +18,7 @@ import weakref
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.models.mamba.modeling_mamba import MambaMixer, MambaRMSNorm
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, Mamba2RMSNorm, MambaRMSNormGated
@@ -56,16 +57,49 @@ def fused_kernels_for(
     return kernels
 
 
+def decode_states(cache_params: Any, layer_idx: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(conv window, SSM state) of ``layer_idx`` for a one-token step that can update them in place, else None.
+
+    Reads Transformers' recurrent cache layout (``layers[i].conv_states[0]`` / ``recurrent_states[0]``); a
+    release that lays it out otherwise simply gets the stock forward.
+    """
+    if cache_params is None or hidden.shape[1] != 1:
+        return None
+    try:
+        if not cache_params.has_previous_state(layer_idx):
+            return None
+        layer = cache_params.layers[layer_idx]
+        if getattr(layer, "record_past", False):
+            return None
+        conv, state = layer.conv_states[0], layer.recurrent_states[0]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    if not isinstance(conv, torch.Tensor) or not isinstance(state, torch.Tensor):
+        return None
+    return conv, state
+
+
+def decode_kernels_for(hidden: torch.Tensor, cache_params: Any, layer_idx: int) -> tuple[MambaKernels, Any] | None:
+    kernels = kernels_apply_to(hidden)
+    if kernels is None:
+        return None
+    states = decode_states(cache_params, layer_idx, hidden)
+    return None if states is None else (kernels, states)
+
+
 class FusedMambaMixer(MambaMixer):
-    """``MambaMixer`` whose no-cache forward is mamba-ssm's ``mamba_inner_fn`` (as its training path)."""
+    """``MambaMixer`` whose no-cache forward is mamba-ssm's ``mamba_inner_fn`` (as its training path) and whose
+    one-token cached step calls the conv-update and state-update kernels directly (mamba-ssm's ``step``)."""
 
     def forward(self, hidden_states: torch.Tensor, cache_params: Any = None, attention_mask: Any = None, **kwargs: Any):
+        found = decode_kernels_for(hidden_states, cache_params, self.layer_idx)
+        if found is not None and self.activation in _FUSABLE_ACTIVATIONS:
+            return self._decode_step(hidden_states, *found)
         kernels = fused_kernels_for(hidden_states, cache_params, attention_mask)
         if kernels is None or self.activation not in _FUSABLE_ACTIVATIONS:
             return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
-        projected = self.in_proj(hidden_states).transpose(1, 2)
         return kernels.mamba_inner_fn(
-            projected,
+            self._in_proj_channels_first(hidden_states),
             self.conv1d.weight,
             self.conv1d.bias if self.use_conv_bias else None,
             self.x_proj.weight,
@@ -80,19 +114,40 @@ class FusedMambaMixer(MambaMixer):
             delta_softplus=True,
         )
 
+    def _in_proj_channels_first(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``in_proj(h)`` as (batch, channels, length) with the length contiguous, what the conv and scan kernels
+        read. ``in_proj(h).transpose(1, 2)`` has the channels contiguous and costs the kernel a transposing
+        copy per layer; ``W @ h^T`` (as mamba-ssm computes it) lands in the right layout directly."""
+        if type(self.in_proj) is not nn.Linear:  # a LoRA or quantized wrapper: call it as a module
+            return self.in_proj(hidden_states).transpose(1, 2)
+        batch, length, _ = hidden_states.shape
+        xz = self.in_proj.weight @ hidden_states.reshape(batch * length, -1).t()
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
+        return xz.view(-1, batch, length).transpose(0, 1)
+
+    def _decode_step(self, hidden_states: torch.Tensor, kernels: MambaKernels, states: Any) -> torch.Tensor:
+        conv_state, ssm_state = states
+        x, z = self.in_proj(hidden_states.squeeze(1)).chunk(2, dim=-1)
+        x = kernels.causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.activation)
+        dt, b, c = self.x_proj(x).split([self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
+        y = kernels.selective_state_update(
+            ssm_state, x, F.linear(dt, self.dt_proj.weight), -torch.exp(self.A_log.float()), b, c, self.D, z=z,
+            dt_bias=self.dt_proj.bias, dt_softplus=True,
+        )
+        return self.out_proj(y.to(hidden_states.dtype)).unsqueeze(1)
+
 
 class FusedMamba2Mixer(Mamba2Mixer):
-    """``Mamba2Mixer`` whose no-cache forward is mamba-ssm's ``mamba_split_conv1d_scan_combined``."""
+    """``Mamba2Mixer`` whose no-cache forward is mamba-ssm's ``mamba_split_conv1d_scan_combined`` and whose
+    one-token cached step runs the conv-update, state-update and gated-norm kernels directly."""
 
     def forward(self, hidden_states: torch.Tensor, cache_params: Any = None, attention_mask: Any = None, **kwargs: Any):
+        found = decode_kernels_for(hidden_states, cache_params, self.layer_idx)
+        if found is not None and self._fusable():
+            return self._decode_step(hidden_states, *found)
         kernels = fused_kernels_for(hidden_states, cache_params, attention_mask)
-        if (
-            kernels is None
-            or self.n_groups != 1
-            or self.activation not in _FUSABLE_ACTIVATIONS
-            or not isinstance(self.norm, MambaRMSNormGated)
-            or kwargs.get("seq_idx") is not None
-        ):
+        if kernels is None or not self._fusable() or kwargs.get("seq_idx") is not None:
             return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
         return kernels.mamba_split_conv1d_scan_combined(
             self.in_proj(hidden_states),
@@ -113,6 +168,36 @@ class FusedMamba2Mixer(Mamba2Mixer):
             norm_before_gate=False,  # Transformers' gated norm: RMSNorm(x * silu(z))
             return_final_states=False,
         )
+
+    def _fusable(self) -> bool:
+        return (self.n_groups == 1 and self.activation in _FUSABLE_ACTIVATIONS
+                and type(self.norm) is MambaRMSNormGated)
+
+    def _decode_step(self, hidden_states: torch.Tensor, kernels: MambaKernels, states: Any) -> torch.Tensor:
+        conv_state, ssm_state = states
+        batch = hidden_states.shape[0]
+        gate, xbc, dt = self.in_proj(hidden_states.squeeze(1)).split(
+            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        xbc = kernels.causal_conv1d_update(xbc, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                           self.activation)
+        groups_state = self.n_groups * self.ssm_state_size
+        x, b, c = xbc.split([self.intermediate_size, groups_state, groups_state], dim=-1)
+        heads, head_dim, n = self.num_heads, self.head_dim, self.ssm_state_size
+        y = kernels.selective_state_update(
+            ssm_state,
+            x.view(batch, heads, head_dim),
+            dt[:, :, None].expand(-1, -1, head_dim),
+            (-torch.exp(self.A_log.float()))[:, None, None].expand(-1, head_dim, n),
+            b.view(batch, self.n_groups, n),
+            c.view(batch, self.n_groups, n),
+            self.D[:, None].expand(-1, head_dim),
+            z=None,
+            dt_bias=self.dt_bias[:, None].expand(-1, head_dim),
+            dt_softplus=True,
+        ).view(batch, -1)
+        y = kernels.gated_rms_norm_fn(y, self.norm.weight, None, z=gate, eps=self.norm.variance_epsilon,
+                                      norm_before_gate=False)
+        return self.out_proj(y.to(hidden_states.dtype)).unsqueeze(1)
 
 
 class _FusedRMSNormMixin:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +98,11 @@ class _StepGraph:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.output: Any = None
+        self._owner: Any = None  # weak reference to the cache object last pointed at the static tensors
+
+    @property
+    def owner(self) -> Any:
+        return None if self._owner is None else self._owner()
 
     def adopt(self, cache: Any) -> None:
         """Point ``cache`` at this graph's static tensors, carrying its current values over."""
@@ -113,6 +119,10 @@ class _StepGraph:
                 raise RuntimeError(f"cache tensor {slot.key!r} changed shape since the capture")
             static.copy_(current)
             slot.set(static)
+        try:
+            self._owner = weakref.ref(cache)
+        except TypeError:  # not weak-referenceable: owns() walks the slots instead
+            self._owner = None
 
     def owns(self, cache: Any) -> bool:
         slots = cache_tensor_slots(cache)
@@ -213,20 +223,24 @@ class GraphDecodeForward:
                            "decoding eagerly", logging.WARNING)
             return None
 
-    def _check_weights(self) -> None:
-        params = [p for p in self.model.parameters()][:1] + [p for p in self.model.parameters()][-1:]
-        key = tuple((p.data_ptr(), p.dtype, p.device) for p in params)
-        if key != self._weights_key:
-            self.reset()
-            self._weights_key = key
+    def _graph_pool(self) -> Any:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
 
     def _replay(self, input_ids: torch.Tensor, cache: Any, cache_kw: str, logits_to_keep: int) -> Any:
-        self._check_weights()
         batch = input_ids.shape[0]
         graph = self.graphs.get(batch)
+        if graph is None or graph.owner is not cache:
+            # First step of a generate call: the weights may have moved or changed in place since the capture.
+            key = weights_key(self.model, with_versions=True)
+            if key != self._weights_key:
+                self.reset()
+                self._weights_key = key
+                graph = None
         if graph is None:
             graph = self._capture(input_ids, cache, cache_kw, logits_to_keep)
-        elif not graph.owns(cache):
+        elif graph.owner is not cache:
             graph.adopt(cache)
         graph.input_ids.copy_(input_ids)
         graph.graph.replay()
@@ -257,10 +271,8 @@ class GraphDecodeForward:
         torch.cuda.current_stream(device).wait_stream(side)
         for static, value in zip(graph.states, saved):
             static.copy_(value)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph, pool=self._pool), torch.no_grad():
+        with torch.cuda.graph(cuda_graph, pool=self._graph_pool()), torch.no_grad():
             output = call()
         graph.graph, graph.output, graph.logits = cuda_graph, output, output.logits
         self.graphs[graph.batch_size] = graph
@@ -283,6 +295,16 @@ def _output_cache_key(output: Any) -> str:
         if key in output:
             return key
     return "cache_params"
+
+
+def weights_key(model: nn.Module, with_versions: bool = False) -> tuple[Any, ...]:
+    """Where and how the weights live (and, with versions, whether they changed in place): a captured graph
+    reads them by address, so any change means capturing anew."""
+    params = list(model.parameters())
+    key: tuple[Any, ...] = tuple((p.data_ptr(), p.dtype, p.device) for p in (params[:1] + params[-1:]))
+    if with_versions:
+        key += (len(params), sum(p._version for p in params))
+    return key
 
 
 # ---------------------------------------------------------------------- install / remove

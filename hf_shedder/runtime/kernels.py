@@ -27,6 +27,8 @@ class MambaKernels:
     mamba_split_conv1d_scan_combined: Callable  # Mamba-2 mixer after in_proj, gated norm and out_proj included
     rms_norm_fn: Callable  # RMSNorm (one Triton kernel)
     gated_rms_norm_fn: Callable  # RMSNorm(x * silu(z)) (one Triton kernel)
+    causal_conv1d_update: Callable  # one-token conv step, conv window updated in place
+    selective_state_update: Callable  # one-token SSM step (Mamba-1 and Mamba-2), state updated in place
     source: str = "mamba-ssm"
 
 
@@ -38,10 +40,11 @@ _override_active = False
 
 def _import_kernels() -> MambaKernels | None:
     try:
-        import causal_conv1d  # noqa: F401  (mamba_inner_fn needs its CUDA extension)
+        from causal_conv1d import causal_conv1d_update
         from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
         from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
         from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
         from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
     except Exception as e:  # ImportError, or a build for another CUDA / torch (OSError, RuntimeError)
         logger.debug("mamba-ssm / causal-conv1d kernels not usable: %s", e)
@@ -51,6 +54,8 @@ def _import_kernels() -> MambaKernels | None:
         mamba_split_conv1d_scan_combined=mamba_split_conv1d_scan_combined,
         rms_norm_fn=rms_norm_fn,
         gated_rms_norm_fn=rmsnorm_fn,
+        causal_conv1d_update=causal_conv1d_update,
+        selective_state_update=selective_state_update,
     )
 
 
