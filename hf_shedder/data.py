@@ -129,16 +129,12 @@ def tokenizer_for_model(model_path: str, name: str | None = None) -> Any:
 
 def output_tokenizer(model_path: str, vocab_size: int | None = None) -> Any | None:
     """The tokenizer to save next to a model made from ``model_path`` (the one
-    :func:`~hf_shedder.tokenizer_choice.choose_tokenizer` picks), or None when there is none for it.
-    A tokenizer without an eos token is not saved: it would break padding and lm-eval on the output."""
-    from hf_shedder.errors import CheckpointError
-    from hf_shedder.tokenizer_choice import choose_tokenizer
+    :func:`~hf_shedder.tokenizer_choice.choose_tokenizer` picks), or None when there is none for it or it
+    has no eos token."""
+    from hf_shedder.tokenizer_choice import output_tokenizer_choice
 
-    try:
-        tok = choose_tokenizer(model_path, vocab_size=vocab_size).tokenizer
-    except (DataError, CheckpointError):
-        return None
-    return tok if tok.eos_token is not None else None
+    chosen = output_tokenizer_choice(model_path, vocab_size)
+    return chosen.tokenizer if chosen is not None else None
 
 
 @dataclass

@@ -110,6 +110,23 @@ def check_tokenizer_fits(chosen: ChosenTokenizer, vocab_size: int | None, model:
         )
 
 
+def output_tokenizer_choice(model: str, vocab_size: int | None = None) -> ChosenTokenizer | None:
+    """The tokenizer to save next to a model made from ``model``, printed; None (also printed) when there is
+    none for it or it has no eos token (it would break padding and lm-eval on the output)."""
+    from .errors import CheckpointError
+
+    try:
+        chosen = choose_tokenizer(model, vocab_size=vocab_size)
+    except (DataError, CheckpointError) as e:
+        print(f"tokenizer: none saved with the output ({e})", flush=True)
+        return None
+    if chosen.tokenizer.eos_token is None:
+        print(f"tokenizer: none saved with the output ({chosen.name} defines no eos token)", flush=True)
+        return None
+    print(chosen.describe(), flush=True)
+    return chosen
+
+
 def tokenizer_for_command(model: str, name: str | None = None) -> ChosenTokenizer:
     """:func:`choose_tokenizer`, printed: what every command that reads text calls."""
     chosen = choose_tokenizer(model, name)
@@ -117,4 +134,5 @@ def tokenizer_for_command(model: str, name: str | None = None) -> ChosenTokenize
     return chosen
 
 
-__all__ = ["BUNDLED_NAME", "ChosenTokenizer", "check_tokenizer_fits", "choose_tokenizer", "tokenizer_for_command"]
+__all__ = ["BUNDLED_NAME", "ChosenTokenizer", "check_tokenizer_fits", "choose_tokenizer", "output_tokenizer_choice",
+           "tokenizer_for_command"]
