@@ -85,3 +85,23 @@ def test_prune_searches_a_mamba_ssm_checkpoint_and_exports_it(ckpt: Path, tmp_pa
     # an export that cannot hold the units searched is refused before the search
     assert main([*argv[:4], "ssm", *argv[5:]]) == 2
     assert "--export mamba_ssm holds whole-block removal only" in capsys.readouterr().err
+
+
+def test_gpu_check_script_parses_its_arguments_and_says_why_it_cannot_run(tmp_path: Path, capsys) -> None:
+    """benchmarks/check_mamba_ssm_format.py runs on a GPU with mamba-ssm; here it must still import, parse
+    its arguments and leave a result that says why it did not run."""
+    import importlib.util
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script would run for real")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "check_mamba_ssm_format.py"
+    spec = importlib.util.spec_from_file_location("check_mamba_ssm_format", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--out", str(tmp_path / "r.json"), "--layers", "6", "--speed-dtypes", "float32,float16"])
+    assert (args.layers, args.remove, args.decode_tokens) == (6, "2,5", 256)
+    assert script.mamba_ssm_config("mamba2", args)["ssm_cfg"] == {"layer": "Mamba2"}
+    assert script.main(["--out", str(tmp_path / "r")]) == 2
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["status"] == "not run" and "GPU" in report["error"]
+    assert "**Not run**" in (tmp_path / "r.md").read_text() and "Not run" in capsys.readouterr().out
