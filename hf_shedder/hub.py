@@ -198,7 +198,7 @@ def _load_section(repo: str, has_remote_code: bool, plain_export: str | None, is
             "from transformers import AutoTokenizer",
             "",
             f'model = MambaLMHeadModel.from_pretrained("{repo}", device="cuda", dtype=torch.float16)',
-            'tokenizer = AutoTokenizer.from_pretrained("EleutherAI/gpt-neox-20b")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")  # GPT-NeoX-20B, saved beside the weights',
             'ids = tokenizer("Mamba is", return_tensors="pt").input_ids.cuda()',
             "out = model.generate(ids, max_length=ids.shape[1] + 64, cg=True)",
             "```",

@@ -94,8 +94,12 @@ def mamba_ssm_hf_config(raw: dict[str, Any], where: str = CONFIG_NAME) -> Any:
 
 def read_weights(name_or_path: str) -> dict[str, torch.Tensor]:
     """The state dict of a mamba-ssm checkpoint, read safely (safetensors, or a tensors-only pickle)."""
+    unreachable: CheckpointError | None = None
     for filename in WEIGHT_FILES:
-        path = _file(name_or_path, filename)
+        try:
+            path = _file(name_or_path, filename)
+        except CheckpointError as e:  # offline, this file not cached: the other one may be
+            unreachable, path = e, None
         if path is None:
             continue
         if filename.endswith(".safetensors"):
@@ -106,7 +110,12 @@ def read_weights(name_or_path: str) -> dict[str, torch.Tensor]:
             except Exception as e:
                 raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # memory-mapped: a multi-GB checkpoint is not read into memory twice
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) container
         except Exception as e:
             # weights_only refuses any object that is not a tensor/container, so a pickle that would run code
             # (or build arbitrary classes) lands here instead of being executed
@@ -118,6 +127,8 @@ def read_weights(name_or_path: str) -> dict[str, torch.Tensor]:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
         return state
+    if unreachable is not None:
+        raise unreachable
     raise CheckpointError(f"{name_or_path} has a mamba-ssm config.json but no {' or '.join(WEIGHT_FILES)}")
 
 

@@ -159,3 +159,24 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path: Path) -> Non
 def test_a_hub_id_of_a_mamba_ssm_repo_offline_says_how_to_get_it() -> None:
     with pytest.raises(CheckpointError, match=r"cannot fetch 'state-spaces/mamba-2.8b'.*hf download"):
         load_model("state-spaces/mamba-2.8b")
+
+
+def test_a_hub_id_of_a_mamba_ssm_repo_loads_from_the_local_hub_cache_offline(tmp_path: Path, monkeypatch) -> None:
+    """As state-spaces/mamba-2.8b once downloaded: config.json + pytorch_model.bin in the hub cache, no
+    model.safetensors (offline, that file cannot be asked for and must not stop the load)."""
+    from huggingface_hub import constants
+
+    from hf_shedder.tokenizer_choice import BUNDLED_NAME, choose_tokenizer
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--some-lab--mamba-tiny"
+    cfg = mamba_ssm_config("Mamba2", vocab_size=50277, d_model=16)
+    sd = write_mamba_ssm_checkpoint(repo / "snapshots" / commit, cfg)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert checkpoint_format("some-lab/mamba-tiny") == "mamba_ssm"
+    model = load_model("some-lab/mamba-tiny")
+    torch.testing.assert_close(_logits(model), _logits(stock_hf_model(cfg, sd)), rtol=0, atol=0)
+    assert model.config._name_or_path == "some-lab/mamba-tiny"  # recorded as the base model
+    assert choose_tokenizer("some-lab/mamba-tiny").name == BUNDLED_NAME
