@@ -54,6 +54,9 @@ def test_reference_plan_file_applies_by_the_same_indices_and_exports_to_mamba_ss
     info = json.loads(capsys.readouterr().out)
     assert info["export"] == "mamba_ssm" and info["num_layers"] == 4 and info["summary"] == "2 x block"
     assert info["params_after"] == sum(p.numel() for p in expected.parameters())
+    assert main(["card", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "mamba-ssm export" in card and "MambaLMHeadModel.from_pretrained(" in card and "cg=True" in card
 
 
 def test_reference_ssm_plan_applies_and_refuses_the_mamba_ssm_export(ckpt: Path, tmp_path: Path, capsys) -> None:
