@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=85.0,
                    help="skip the checks not started after this many seconds (reported as skipped)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda", help="cuda (default); anything else is only a dry run of the script")
     return p.parse_args(argv)
 
 
@@ -124,14 +125,18 @@ def _max_delta(a: Any, b: Any) -> dict[str, float]:
 def _decode_tps(model: Any, prompt: Any, new_tokens: int, repeats: int) -> dict[str, Any]:
     import torch
 
+    def sync() -> None:
+        if prompt.is_cuda:
+            torch.cuda.synchronize()
+
     max_length = prompt.shape[1] + new_tokens
     model.generate(prompt, max_length=max_length, cg=True, top_k=1)  # warm-up: captures the CUDA graph
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         out = model.generate(prompt, max_length=max_length, cg=True, top_k=1)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     assert out.shape[1] == max_length, out.shape
     return {"tokens_per_s": new_tokens / statistics.median(times), "times_s": [round(t, 4) for t in times],
@@ -148,7 +153,7 @@ def check_family(family: str, args: argparse.Namespace, work: Path) -> dict[str,
     from hf_shedder.units import Plan, Unit
 
     res: dict[str, Any] = {}
-    dev = "cuda"
+    dev = args.device
     cfg = mamba_ssm_config(family, args)
     res["config"] = cfg
     torch.manual_seed(args.seed)
@@ -245,7 +250,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         if not r:
             return "-"
         if not r.get("ok"):
-            return f"FAILED: {r.get('error', '')[:80]}"
+            err = r.get("error", "")
+            return err if err.startswith("skipped") else f"FAILED: {err[:80]}"
         try:
             return fmt(r)
         except Exception as e:  # noqa: BLE001
@@ -292,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        if not torch.cuda.is_available():
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("no CUDA GPU: mamba-ssm's kernels and CUDA-graph decode need one")
         import mamba_ssm  # noqa: F401
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel  # noqa: F401
