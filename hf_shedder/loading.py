@@ -77,20 +77,27 @@ def vocab_size_of(config: Any) -> int | None:
 def load_model(name_or_path: str, dtype: Any = None, device: str | None = None, **kwargs: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` with hf_shedder registered and readable errors; a mamba-ssm
     checkpoint is converted to its Transformers class in memory."""
+    from . import mamba_ssm_format
+
+    _check_location(name_or_path)
+    if checkpoint_format(name_or_path) == mamba_ssm_format.FORMAT:
+        model = mamba_ssm_format.load_mamba_ssm(name_or_path, dtype=dtype, **kwargs)
+    else:
+        model = _from_pretrained(name_or_path, dtype, **kwargs)
+    if device:
+        model.to(device)
+    return model.eval()
+
+
+def _from_pretrained(name_or_path: str, dtype: Any, **kwargs: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     import hf_shedder  # noqa: F401  (registers the Auto classes)
 
     from . import mamba_ssm_format
 
-    _check_location(name_or_path)
-    if checkpoint_format(name_or_path) == mamba_ssm_format.FORMAT:
-        model = mamba_ssm_format.load_mamba_ssm(name_or_path, dtype=dtype, **kwargs)
-        if device:
-            model.to(device)
-        return model.eval()
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     except OSError as e:
         if os.path.isdir(name_or_path):
             raise CheckpointError(f"cannot load the model in {name_or_path}: {e}") from e
@@ -99,9 +106,6 @@ def load_model(name_or_path: str, dtype: Any = None, device: str | None = None, 
         if os.path.isdir(name_or_path) and type(e).__name__ in ("SafetensorError", "JSONDecodeError", "HeaderTooLarge"):
             raise CheckpointError(f"the checkpoint in {name_or_path} is corrupt: {e}") from e
         raise
-    if device:
-        model.to(device)
-    return model.eval()
 
 
 # Files that carry a vocabulary. Without one, recent transformers builds an empty tokenizer from the
