@@ -120,31 +120,21 @@ def require_special_tokens(tok: Any, purpose: str, eos: bool = True, pad: bool =
 
 
 def tokenizer_for_model(model_path: str, name: str | None = None) -> Any:
-    """``name`` (--tokenizer) if given, else the model folder's own tokenizer, else the bundled GPT-NeoX one;
-    special tokens completed."""
-    from hf_shedder.loading import load_tokenizer_for
+    """The tokenizer every command uses for ``model_path`` (see :mod:`hf_shedder.tokenizer_choice`); special
+    tokens completed. DataError when no tokenizer fits the model."""
+    from hf_shedder.tokenizer_choice import choose_tokenizer
 
-    if name:
-        return load_tokenizer(name)
-    tok = load_tokenizer_for(model_path) if os.path.isdir(model_path) else None
-    return complete_special_tokens(tok) if tok is not None else load_tokenizer()
+    return choose_tokenizer(model_path, name).tokenizer
 
 
-def output_tokenizer(model_path: str, vocab_size: int | None) -> Any | None:
-    """The tokenizer to save next to a model made from ``model_path``: the model's own (special tokens
-    completed), else the bundled GPT-NeoX one when the model's vocabulary is GPT-NeoX-sized, else None.
-    A tokenizer without an eos token is not saved: it would break padding and lm-eval on the output."""
-    from hf_shedder.loading import load_tokenizer_for
+def output_tokenizer(model_path: str, vocab_size: int | None = None) -> Any | None:
+    """The tokenizer to save next to a model made from ``model_path`` (the one
+    :func:`~hf_shedder.tokenizer_choice.choose_tokenizer` picks), or None when there is none for it or it
+    has no eos token."""
+    from hf_shedder.tokenizer_choice import output_tokenizer_choice
 
-    tok = load_tokenizer_for(model_path)
-    if tok is None:
-        tok = load_tokenizer()
-        # Mamba checkpoints pad the GPT-NeoX vocabulary (50280, 50288, ...); another size means another
-        # tokenizer, and saving GPT-NeoX's would pass it off as the model's own.
-        if vocab_size is None or abs(vocab_size - len(tok)) > NEOX_VOCAB_SLACK:
-            return None
-    complete_special_tokens(tok)
-    return tok if tok.eos_token is not None else None
+    chosen = output_tokenizer_choice(model_path, vocab_size)
+    return chosen.tokenizer if chosen is not None else None
 
 
 @dataclass

@@ -185,7 +185,27 @@ def _speed_section(speed: dict | None) -> str:
     return SpeedComparison.from_dict(speed).to_markdown()
 
 
-def _load_section(repo: str, has_remote_code: bool, plain_export: str | None, is_plain: bool = False) -> str:
+def _load_section(repo: str, has_remote_code: bool, plain_export: str | None, is_plain: bool = False,
+                  is_mamba_ssm: bool = False) -> str:
+    if is_mamba_ssm:
+        return "\n".join([
+            "This is a mamba-ssm export: a standard `MambaLMHeadModel` checkpoint (whole blocks removed) that "
+            "mamba-ssm serves with CUDA-graph decoding:",
+            "",
+            "```python",
+            "import torch",
+            "from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel",
+            "from transformers import AutoTokenizer",
+            "",
+            f'model = MambaLMHeadModel.from_pretrained("{repo}", device="cuda", dtype=torch.float16)',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")  # GPT-NeoX-20B, saved beside the weights',
+            'ids = tokenizer("Mamba is", return_tensors="pt").input_ids.cuda()',
+            "out = model.generate(ids, max_length=ids.shape[1] + 64, cg=True)",
+            "```",
+            "",
+            "With hf_shedder installed it also loads as a Transformers model: "
+            f'`hf_shedder.loading.load_model("{repo}")`. `{PLAN_FILE}` records which units were removed.',
+        ])
     if is_plain:
         return "\n".join([
             "This is a plain export: a stock-architecture checkpoint (whole blocks removed) that loads with "
@@ -284,7 +304,7 @@ def render_model_card(context: dict[str, Any], template: str | os.PathLike[str] 
         "recovery_section": _recovery_section(c.get("recovery")),
         "speed_section": _speed_section(c.get("speed")),
         "load_section": _load_section(repo, bool(c.get("has_remote_code")), c.get("plain_export"),
-                                      c.get("export") == "plain"),
+                                      c.get("export") == "plain", c.get("export") == "mamba_ssm"),
     }
     text = Path(template or template_path()).read_text(encoding="utf-8")
     return Template(text).substitute(values)

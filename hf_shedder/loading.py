@@ -1,4 +1,8 @@
-"""Loading base and pruned models from a directory or a hub name, with clear offline errors."""
+"""Loading base and pruned models from a directory or a hub name, with clear offline errors.
+
+:func:`checkpoint_format` is the one place that tells a Transformers checkpoint (hf_shedder's own
+included) from a mamba-ssm one; :func:`load_model` and :func:`load_config` follow its answer.
+"""
 
 from __future__ import annotations
 
@@ -24,34 +28,87 @@ def parse_dtype(name: str | None) -> Any:
         raise ValueError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}") from None
 
 
-def load_model(name_or_path: str, dtype: Any = None, device: str | None = None, **kwargs: Any) -> Any:
-    """``AutoModelForCausalLM.from_pretrained`` with hf_shedder registered and readable errors."""
-    from transformers import AutoModelForCausalLM
+TRANSFORMERS = "transformers"
 
-    import hf_shedder  # noqa: F401  (registers the Auto classes)
 
+def _check_location(name_or_path: str) -> None:
     if os.path.isdir(name_or_path):
         check_checkpoint_dir(name_or_path)
     elif os.path.sep in name_or_path and name_or_path.startswith((".", "/")):
         raise CheckpointError(f"model directory not found: {name_or_path}")
+
+
+def checkpoint_format(name_or_path: str) -> str:
+    """``"mamba_ssm"`` for a mamba-ssm checkpoint (folder or hub repo), else ``"transformers"``.
+
+    A config that cannot be read counts as Transformers: its loader then says why (offline, missing, corrupt).
+    """
+    from . import mamba_ssm_format
+
+    raw = mamba_ssm_format.read_config_json(name_or_path)
+    return mamba_ssm_format.FORMAT if raw is not None and mamba_ssm_format.is_mamba_ssm_config(raw) else TRANSFORMERS
+
+
+def load_config(name_or_path: str) -> Any:
+    """The Transformers config of any checkpoint hf_shedder loads (a mamba-ssm one converted), without weights."""
+    from transformers import AutoConfig
+
+    import hf_shedder  # noqa: F401  (registers the Auto classes)
+
+    from . import mamba_ssm_format
+
+    _check_location(name_or_path)
+    if checkpoint_format(name_or_path) == mamba_ssm_format.FORMAT:
+        return mamba_ssm_format.mamba_ssm_hf_config(mamba_ssm_format.read_config_json(name_or_path), name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+        return AutoConfig.from_pretrained(name_or_path)
     except OSError as e:
         if os.path.isdir(name_or_path):
-            raise CheckpointError(f"cannot load the model in {name_or_path}: {e}") from e
-        raise CheckpointError(
-            f"cannot fetch {name_or_path!r} (no network, or not a model on the Hub). Download it where a network "
-            f"is available (e.g. `hf download {name_or_path} --local-dir DIR`) and pass the local directory."
-        ) from e
-    except Exception as e:  # safetensors/JSON decode errors on a corrupt checkpoint
-        if os.path.isdir(name_or_path) and type(e).__name__ in ("SafetensorError", "JSONDecodeError", "HeaderTooLarge"):
-            raise CheckpointError(f"the checkpoint in {name_or_path} is corrupt: {e}") from e
-        raise
+            raise CheckpointError(f"cannot read the config in {name_or_path}: {e}") from e
+        raise CheckpointError(mamba_ssm_format.offline_message(name_or_path)) from e
+
+
+def vocab_size_of(config: Any) -> int | None:
+    """Rows of the input embedding a config describes (a pruned model's: its base's)."""
+    base = config.get_base_config() if hasattr(config, "get_base_config") else config
+    size = getattr(base, "vocab_size", None)
+    return int(size) if size else None
+
+
+def load_model(name_or_path: str, dtype: Any = None, device: str | None = None, **kwargs: Any) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` with hf_shedder registered and readable errors; a mamba-ssm
+    checkpoint is converted to its Transformers class in memory."""
+    from . import mamba_ssm_format
+
+    _check_location(name_or_path)
+    if checkpoint_format(name_or_path) == mamba_ssm_format.FORMAT:
+        model = mamba_ssm_format.load_mamba_ssm(name_or_path, dtype=dtype, **kwargs)
+    else:
+        model = _from_pretrained(name_or_path, dtype, **kwargs)
     if device:
         model.to(device)
     if not isinstance(model, PrunedMambaForCausalLM):  # a pruned model enables it on its inner model
         enable_fast_path(model)
     return model.eval()
+
+
+def _from_pretrained(name_or_path: str, dtype: Any, **kwargs: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    import hf_shedder  # noqa: F401  (registers the Auto classes)
+
+    from . import mamba_ssm_format
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    except OSError as e:
+        if os.path.isdir(name_or_path):
+            raise CheckpointError(f"cannot load the model in {name_or_path}: {e}") from e
+        raise CheckpointError(mamba_ssm_format.offline_message(name_or_path)) from e
+    except Exception as e:  # safetensors/JSON decode errors on a corrupt checkpoint
+        if os.path.isdir(name_or_path) and type(e).__name__ in ("SafetensorError", "JSONDecodeError", "HeaderTooLarge"):
+            raise CheckpointError(f"the checkpoint in {name_or_path} is corrupt: {e}") from e
+        raise
 
 
 # Files that carry a vocabulary. Without one, recent transformers builds an empty tokenizer from the

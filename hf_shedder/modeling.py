@@ -23,6 +23,7 @@ from .errors import CheckpointError, PlanError, UnsupportedModelError
 from .runtime import enable_fast_path
 from .units import Plan
 
+EXPORTS = (None, "remote_code", "plain", "mamba_ssm")
 
 def base_model_class(config: Any) -> type[PreTrainedModel]:
     cls = custom_model_class(config.model_type)
@@ -142,9 +143,16 @@ class PrunedMambaForCausalLM(PreTrainedModel, GenerationMixin):
         ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without hf_shedder.
         ``export="plain"``: a stock base-architecture checkpoint (block-only plans), loadable with
         plain Transformers.
+        ``export="mamba_ssm"``: a mamba-ssm checkpoint (Mamba / Mamba-2, block-only plans) that stock
+        ``MambaLMHeadModel.from_pretrained`` loads.
         """
-        if export not in (None, "remote_code", "plain"):
-            raise ValueError(f"export must be None, 'remote_code' or 'plain', got {export!r}")
+        if export not in EXPORTS:
+            raise ValueError(f"export must be one of {EXPORTS}, got {export!r}")
+        if export == "mamba_ssm":
+            from .mamba_ssm_format import save_mamba_ssm
+
+            save_mamba_ssm(self, save_directory)
+            return
         if export == "plain":
             from .export import save_plain
 

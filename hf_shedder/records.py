@@ -17,6 +17,7 @@ from .units import Plan, atomic_write_json
 
 PLAN_FILE = "shedder_plan.json"
 PROVENANCE_FILE = "shedder_provenance.json"  # plain exports only: their config cannot hold it
+STOCK_EXPORTS = ("plain", "mamba_ssm")  # exports whose config.json is the stock one: plan and provenance beside it
 SEARCH_FILE = "shedder_search.json"  # search summary for the card: base model, units, params, settings
 TRAJECTORY_FILES = ("trajectory.png", "trajectory.csv", "trajectory.json")
 

@@ -508,6 +508,7 @@ def recover(
     export: str | None = "remote_code",
     source_dir: str | None = None,
     eval_before: bool = True,
+    tokenizer_name: str | None = None,
 ) -> RecoveryResult:
     """LoRA recovery tuning of ``model`` (pruned or any supported family), merged and saved to ``output_dir``.
 
@@ -577,6 +578,7 @@ def recover(
         "method": "LoRA (PEFT), merged",
         **data_info,
         "prompt_template": "Alpaca",
+        "tokenizer": tokenizer_name,
         "max_length": max_length,
         "loss_on": "prompt + response" if train_on_inputs else "response tokens only",
         "lora_r": lora_cfg.r,

@@ -7,7 +7,7 @@ import torch
 from hf_shedder.data import CalibrationSet, load_tokenizer
 from tests.tiny_models import build_tiny
 
-NEOX_VOCAB = 50304  # >= len(bundled GPT-NeoX tokenizer) = 50281, padded as the Mamba checkpoints do
+NEOX_VOCAB = 50304  # >= len(bundled GPT-NeoX tokenizer) = 50277, padded as the Mamba checkpoints do
 
 
 def neox_tiny(family: str = "mamba", num_layers: int = 2, seed: int = 0) -> torch.nn.Module:

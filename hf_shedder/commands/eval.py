@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="task data: hub, or the bundled offline slices (default: bundled when offline)")
     p.add_argument("--limit", type=float, default=None, help="evaluate at most this many documents per task")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--tokenizer", default=None, help="tokenizer name/folder (default: the model's, else bundled GPT-NeoX)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer name/folder (default: the model's own; GPT-NeoX-20B for mamba-ssm checkpoints)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     p.add_argument("--device-map", default=None,
                    help="e.g. auto: spread a model too large for one GPU over several (accelerate); replaces --device")
@@ -35,25 +36,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _tokenizer(model_path: str, name: str | None) -> Any:
-    from ..data import tokenizer_for_model
-
-    return tokenizer_for_model(model_path, name)
-
-
 def evaluate_model(path: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from ..loading import count_parameters, load_model, parse_dtype
+    from ..tokenizer_choice import tokenizer_for_command
 
+    chosen = tokenizer_for_command(path, args.tokenizer)  # before loading: a misfit is refused before any work
+    tok = chosen.tokenizer
     if args.device_map:
         model = load_model(path, dtype=parse_dtype(args.dtype), device_map=args.device_map)
         device = ",".join(sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})) or "cpu"
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(path, dtype=parse_dtype(args.dtype), device=device)
-    tok = _tokenizer(path, args.tokenizer)
-    entry: dict[str, Any] = {"model": path, "n_params": count_parameters(model), "device": device}
+    entry: dict[str, Any] = {"model": path, "n_params": count_parameters(model), "device": device,
+                             "tokenizer": chosen.name}
     if args.ppl:
         from ..data import load_eval_text
         from ..evaluation.perplexity import evaluate_perplexity

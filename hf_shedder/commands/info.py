@@ -35,18 +35,23 @@ def describe(model_dir: str) -> dict:
 
 
 def _describe_plain(model_dir: str, raw: dict) -> dict:
-    from transformers import AutoConfig
+    """A stock checkpoint with hf_shedder's plan beside it: Transformers' (plain) or mamba-ssm's."""
+    from ..loading import load_config
+    from ..mamba_ssm_format import FORMAT as MAMBA_SSM
+    from ..mamba_ssm_format import is_mamba_ssm_config
 
+    export = MAMBA_SSM if is_mamba_ssm_config(raw) else "plain"
+    config = load_config(model_dir)
     if not os.path.isfile(os.path.join(model_dir, PLAN_FILE)):
         raise CheckpointError(
-            f"{model_dir} is a plain {raw.get('model_type')!r} checkpoint without {PLAN_FILE}: not an hf_shedder "
-            "pruned model (or a plain export whose plan file was removed)"
+            f"{model_dir} is a {'mamba-ssm' if export == MAMBA_SSM else 'plain'} {config.model_type!r} checkpoint "
+            f"without {PLAN_FILE}: not an hf_shedder pruned model (or an export whose plan file was removed)"
         )
     plan = folder_plan(model_dir)
     provenance = folder_provenance(model_dir)
-    after = skeleton_parameters(AutoConfig.from_pretrained(model_dir))
+    after = skeleton_parameters(config)
     before = (provenance.get("metrics") or {}).get("params_before")
-    return _description("plain", raw.get("model_type"), plan, before, after, provenance)
+    return _description(export, config.model_type, plan, before, after, provenance)
 
 
 def _description(export: str, base_type: str | None, plan: Plan, before: int | None, after: int,
@@ -71,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    plain = " (plain export: a stock checkpoint, plan from shedder_plan.json)" if info["export"] == "plain" else ""
+    plain = {"plain": " (plain export: a stock checkpoint, plan from shedder_plan.json)",
+             "mamba_ssm": " (mamba-ssm export: MambaLMHeadModel checkpoint, plan from shedder_plan.json)",
+             }.get(info["export"], "")
     print(f"base model : {info['base_model'] or 'not recorded'} ({info['base_model_type']}, {info['num_layers']} "
           f"layers){plain}")
     print(f"removed    : {info['summary']}")

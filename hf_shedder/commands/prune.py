@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..data import valid_sources
 from ..errors import SearchError
+from ..records import STOCK_EXPORTS
 from ..search.settings import CALIBRATION_MODES, NORMALIZE_CHOICES
 
 
@@ -45,21 +46,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="params: rank candidates by NLL increase per removed parameter")
     p.add_argument("--split", choices=["batches", "candidates"], default="batches",
                    help="several processes (torchrun): split calibration batches (default) or candidates")
-    p.add_argument("--tokenizer", default=None, help="tokenizer name/folder (default: the model's, else bundled GPT-NeoX)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer name/folder (default: the model's own; GPT-NeoX-20B for mamba-ssm checkpoints)")
     p.add_argument("--apply", action="store_true", help="extract the pruned model to OUT/model at the end")
+    p.add_argument("--export", choices=["hf_shedder", "remote_code", "plain", "mamba_ssm"], default="remote_code",
+                   help="with --apply: checkpoint flavour of OUT/model (default: remote_code); plain and mamba_ssm "
+                        "hold block-only plans")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import load_calibration, tokenizer_for_model
+    from ..data import load_calibration
     from ..distributed import init_from_env, rank_device
     from ..loading import count_parameters, load_model, parse_dtype
     from ..search import SearchSettings, search
+    from ..tokenizer_choice import choose_tokenizer
 
     if args.steps < 1:
         raise SearchError(f"--steps must be >= 1, got {args.steps}")
+    kinds = {k.strip() for k in args.units.split(",") if k.strip()}
+    if args.apply and args.export in STOCK_EXPORTS and kinds - {"block"}:
+        raise SearchError(f"--export {args.export} holds whole-block removal only, and --units {args.units} can remove "
+                          "other units; use --export remote_code or hf_shedder, or --units block")
     device = rank_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = SearchSettings(
         units=args.units, steps=args.steps, target_params=args.target_params, max_ppl=args.max_ppl,
@@ -71,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
     if args.wide_block_candidates:
         settings.extra["wide_block_candidates"] = True
     comm = init_from_env(device)
-    tokenizer = tokenizer_for_model(args.model, args.tokenizer)
+    chosen = choose_tokenizer(args.model, args.tokenizer)  # refuses a tokenizer that does not fit, before any work
+    if comm.is_main:
+        print(chosen.describe(), flush=True)
+    tokenizer = chosen.tokenizer
     kwargs = {"device_map": args.device_map} if args.device_map else {}
     model = load_model(args.model, dtype=parse_dtype(args.dtype), device=None if args.device_map else device, **kwargs)
     if args.exact_reference:
@@ -99,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     if args.apply and comm.is_main:
         from ..modeling import PrunedMambaForCausalLM
         from ..outputs import staged_directory
-        from ..records import PLAN_FILE, search_provenance, write_search_record
+        from ..records import PLAN_FILE, PROVENANCE_FILE, search_provenance, write_search_record
+        from ..units import atomic_write_json
 
         before = count_parameters(model)
         pruned = PrunedMambaForCausalLM.from_base(model, result.plan, inplace=True)
@@ -108,10 +122,14 @@ def run(args: argparse.Namespace) -> int:
         pruned.config.provenance = search_provenance(
             args.model, settings.to_dict(), result.base_ppl, result.trajectory[-1]["ppl"],
             before, after, result.stop_reason)
+        pruned.config.provenance["tokenizer"] = chosen.record()
+        export = None if args.export == "hf_shedder" else args.export
         target = Path(args.out) / "model"
         with staged_directory(target, overwrite=True) as tmp:
-            pruned.save_pretrained(tmp, export="remote_code")
+            pruned.save_pretrained(tmp, export=export)
             pruned.config.get_plan().save(tmp / PLAN_FILE)
+            if export in STOCK_EXPORTS:  # a stock config has no room for the provenance
+                atomic_write_json(tmp / PROVENANCE_FILE, pruned.config.provenance)
             if tokenizer.eos_token is not None:  # never save one that cannot pad (special tokens completed)
                 tokenizer.save_pretrained(tmp)
             write_search_record(tmp, pruned.config.provenance, result.plan, result.trajectory, search_dir=args.out)

@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps (resumable)")
     p.add_argument("--no-resume", action="store_true",
                    help="never resume (refuses if OUT/checkpoints holds checkpoints: --overwrite deletes them)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's, else the bundled GPT-NeoX)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer name/folder (default: the model's own; GPT-NeoX-20B for mamba-ssm checkpoints)")
     p.add_argument("--dtype", default="float32", help="weights dtype for training (default float32)")
     p.add_argument("--seed", type=int, default=REFERENCE_SETTINGS["seed"])
     p.add_argument("--overwrite", action="store_true",
@@ -40,12 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..commands.eval import _tokenizer
     from ..loading import load_model, parse_dtype
     from ..recovery import default_lora_config, default_training_args, recover
+    from ..tokenizer_choice import tokenizer_for_command
 
+    chosen = tokenizer_for_command(args.model_dir, args.tokenizer)
+    tokenizer = chosen.tokenizer
     model = load_model(args.model_dir, dtype=parse_dtype(args.dtype))
-    tokenizer = _tokenizer(args.model_dir, args.tokenizer)
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
     lora = default_lora_config(model, targets, r=args.lora_r, lora_alpha=args.lora_alpha,
                                lora_dropout=args.lora_dropout)
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     result = recover(
         model, tokenizer, args.data, args.out, training_args=training_args, lora=lora, max_length=args.seqlen,
         val_size=args.val_size, resume=False if args.no_resume else None, overwrite=args.overwrite,
-        source_dir=args.model_dir if os.path.isdir(args.model_dir) else None,
+        source_dir=args.model_dir if os.path.isdir(args.model_dir) else None, tokenizer_name=chosen.name,
     )
     s = result.settings
     if result.resumed_from:
