@@ -375,3 +375,21 @@ def test_graph_decode_gives_eager_tokens_fp32(family: str, plan: str | None) -> 
     torch.manual_seed(0)
     sampled = model.generate(prompt, **{**kwargs, "do_sample": True, "top_k": 5})
     assert sampled.shape == eager.shape and wrapper.replays == 19 and wrapper.captures == 1
+
+
+def test_bench_table_shows_decode_without_graphs_when_measured() -> None:
+    from hf_shedder.evaluation.speed import SpeedComparison, SpeedResult, _eager_decode_extra
+
+    times = {"decode_1_1": 0.01, "decode_n_1": 0.11, "decode_1_1_eager": 0.02, "decode_n_1_eager": 0.52}
+    extra = _eager_decode_extra(times, decode_tokens=11, decode_batch_sizes=(1,))
+    assert extra == {"decode_tokens_per_s_eager": {"1": pytest.approx(10 / 0.5)}}
+    assert _eager_decode_extra({"decode_1_1": 0.01, "decode_n_1": 0.11}, 11, (1,)) == {}
+
+    def result(rate: float, eager: float) -> SpeedResult:
+        return SpeedResult(device="gpu", dtype="bfloat16", n_params=10, batch_size=1, prefill_len=8, prefill_seconds=1.0,
+                           prefill_tokens_per_s=8.0, decode_tokens=11, decode_tokens_per_s={1: rate},
+                           peak_memory_bytes=None, memory_kind="cuda_max_allocated", warmup=1, repeats=3,
+                           decode_batch_sizes=(1,), extra={"decode_tokens_per_s_eager": {"1": eager}})
+
+    table = SpeedComparison(result(100.0, 20.0), result(125.0, 24.0)).to_markdown()
+    assert "eager: CUDA graphs off" in table and "| 20.0 | 24.0 | 1.20x |" in table
