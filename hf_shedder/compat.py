@@ -1,6 +1,6 @@
 """What differs between the Transformers releases hf_shedder supports (see :mod:`hf_shedder.versions`).
 
-Transformers 5.2x renamed the generation cache argument: ``past_key_values`` (decoder layers, masks, model
+Transformers releases after 5.17 renamed the generation cache argument: ``past_key_values`` (decoder layers, masks, model
 outputs) and ``cache_params`` (Mamba mixers) became ``cache``; the old names give a FutureWarning and go
 in 5.40. Code that *receives* a cache (our stand-in modules, our Hymba model) accepts every name; code
 that *passes* one uses :data:`CACHE_KWARG`, the name the installed release expects. The import guard
