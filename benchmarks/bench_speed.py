@@ -42,6 +42,7 @@ import torch
 
 import hf_shedder
 from hf_shedder import Plan, Unit, get_adapter
+from hf_shedder.compat import CACHE_KWARG
 from hf_shedder.evaluation.speed import benchmark_speed
 
 # ----------------------------------------------------------------------------- shapes
@@ -176,7 +177,7 @@ def state_bytes_per_sequence(model: torch.nn.Module, device: torch.device) -> in
     """Bytes of the recurrent cache (conv + SSM states) of one sequence, read off a real cache."""
     ids = torch.zeros(1, 4, dtype=torch.long, device=device)
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "cache_params", None) or getattr(out, "past_key_values", None)
+    cache = getattr(out, CACHE_KWARG, None) or getattr(out, "cache_params", None)  # Mamba outputs in 5.17
     return _tensor_bytes(cache, set())
 
 

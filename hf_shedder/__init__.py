@@ -6,12 +6,16 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .arch import get_adapter
-from .config import ShedderConfig
-from .errors import CheckpointError, DataError, PlanError, SearchError, ShedderError, UnsupportedModelError
-from .modeling import PrunedMambaForCausalLM
-from .models.hymba import HymbaConfig, HymbaForCausalLM
-from .units import Plan, Unit
+from .compat import warn_if_untested_transformers
+
+warn_if_untested_transformers()
+
+from .arch import get_adapter  # noqa: E402
+from .config import ShedderConfig  # noqa: E402
+from .errors import CheckpointError, DataError, PlanError, SearchError, ShedderError, UnsupportedModelError  # noqa: E402
+from .modeling import PrunedMambaForCausalLM  # noqa: E402
+from .models.hymba import HymbaConfig, HymbaForCausalLM  # noqa: E402
+from .units import Plan, Unit  # noqa: E402
 
 __version__ = "0.1.0"
 

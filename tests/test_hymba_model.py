@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_shedder.compat import CACHE_KWARG
 from hf_shedder.models.hymba import HymbaCache, HymbaConfig, HymbaForCausalLM
 
 
@@ -148,11 +149,11 @@ def test_cached_greedy_generation_equals_uncached(overrides):
     with torch.no_grad():
         full = model(input_ids=cached, use_cache=False).logits
         out = model(input_ids=cached[:, :3], use_cache=True)
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_KWARG)
         assert isinstance(cache, HymbaCache)
         steps = [out.logits[:, -1]]
         for t in range(3, cached.shape[1]):
-            out = model(input_ids=cached[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=cached[:, t : t + 1], cache=cache, use_cache=True)
             steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 2:], atol=1e-5, rtol=1e-4)
     assert cache.keys[1].shape[2] <= model.config.num_memory_tokens + model.config.sliding_window

@@ -240,8 +240,9 @@ def test_search_runs_with_fused_forward_and_leaves_the_model_stock() -> None:
 
 # ----------------------------------------------------------------------------- graph runner bookkeeping
 def _cache_of(model: torch.nn.Module, batch: int = 2) -> object:
-    out = model(torch.randint(0, VOCAB, (batch, 5)), use_cache=True)
-    return getattr(out, "cache_params", None) or out.past_key_values
+    from hf_shedder.runtime.graph_decode import output_cache
+
+    return output_cache(model(torch.randint(0, VOCAB, (batch, 5)), use_cache=True))
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
@@ -274,7 +275,9 @@ def test_graph_decode_on_cpu_falls_back_says_so_once_and_keeps_tokens(caplog: py
     ref = model.generate(prompt, **kwargs)
     wrapper = hf_shedder.runtime.enable_graph_decode(model)
     # generate() reads forward's parameters to name the cache argument: the wrapper shows the real ones.
-    assert "cache_params" in inspect.signature(model.forward).parameters
+    from hf_shedder.runtime.graph_decode import forward_cache_kwarg
+
+    assert forward_cache_kwarg(model) in inspect.signature(model.forward).parameters
     with caplog.at_level(logging.INFO, logger="hf_shedder.runtime.graph_decode"):
         out1 = model.generate(prompt, **kwargs)
         out2 = model.generate(prompt, **kwargs)

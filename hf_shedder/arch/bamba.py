@@ -73,7 +73,7 @@ class BambaAdapter(HybridStackAdapter):
         block_type = self.config.layers_block_type[index]
         out, _ = self.layers()[index](
             hidden, attention_mask=ctx["masks"][block_type], position_ids=ctx["position_ids"],
-            past_key_values=None, use_cache=False, position_embeddings=ctx["rope"],
+            use_cache=False, position_embeddings=ctx["rope"],
         )
         return out
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..compat import pop_cache
 from ..errors import PlanError
 from ..units import Plan, Unit
 from .base import Undo
@@ -46,9 +47,8 @@ class AttentionRemoved(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None,
-                **kwargs: Any) -> tuple[torch.Tensor, None]:
-        keep_kv_length(past_key_values, self.layer_idx, hidden_states)
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        keep_kv_length(pop_cache(kwargs), self.layer_idx, hidden_states)
         return torch.zeros_like(hidden_states), None
 
 
@@ -261,7 +261,7 @@ class FalconH1Adapter(Mamba2HybridAdapter):
         masks, position_ids, position_embeddings = ctx
         out = self.layers()[index](hidden, attention_mask=masks["full_attention"],
                                    mamba_attention_mask=masks["linear_attention"],
-                                   position_ids=position_ids, past_key_values=None,
+                                   position_ids=position_ids,
                                    position_embeddings=position_embeddings)
         return out[0]
 

@@ -14,6 +14,7 @@ the blocks' RMSNorms. FalconMamba's mixer (extra B/C/dt norms) and the hybrids' 
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 from transformers.models.mamba.modeling_mamba import MambaMixer, MambaRMSNorm
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, Mamba2RMSNorm, MambaRMSNormGated
 
+from ..compat import pop_cache
 from ..runtime.kernels import MambaKernels, kernels_apply_to
 
 _FUSABLE_ACTIVATIONS = ("silu", "swish")
@@ -74,7 +76,10 @@ def decode_states(cache_params: Any, layer_idx: int, hidden: torch.Tensor) -> tu
         conv, state = layer.conv_states[0], layer.recurrent_states[0]
     except (AttributeError, IndexError, KeyError, TypeError):
         return None
-    if not isinstance(conv, torch.Tensor) or not isinstance(state, torch.Tensor):
+    batch = hidden.shape[0]
+    # Shapes a one-token step can update in place: (batch, channels, window) and (batch, [heads,] dim, state).
+    if not isinstance(conv, torch.Tensor) or not isinstance(state, torch.Tensor) or conv.dim() != 3 \
+            or state.dim() not in (3, 4) or conv.shape[0] != batch or state.shape[0] != batch:
         return None
     return conv, state
 
@@ -87,17 +92,28 @@ def decode_kernels_for(hidden: torch.Tensor, cache_params: Any, layer_idx: int) 
     return None if states is None else (kernels, states)
 
 
+def _stock_cache_kwarg(cls: type[nn.Module]) -> str:
+    """The name the installed release's stock mixer takes its cache under (``cache`` after 5.17)."""
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "cache_params"
+
+
 class FusedMambaMixer(MambaMixer):
     """``MambaMixer`` whose no-cache forward is mamba-ssm's ``mamba_inner_fn`` (as its training path) and whose
     one-token cached step calls the conv-update and state-update kernels directly (mamba-ssm's ``step``)."""
 
-    def forward(self, hidden_states: torch.Tensor, cache_params: Any = None, attention_mask: Any = None, **kwargs: Any):
+    _cache_kw = _stock_cache_kwarg(MambaMixer)
+
+    def forward(self, hidden_states: torch.Tensor, cache: Any = None, attention_mask: Any = None, **kwargs: Any):
+        # The block passes the cache as ``cache`` or ``cache_params`` depending on the release: take either.
+        cache_params = cache if cache is not None else pop_cache(kwargs)
         found = decode_kernels_for(hidden_states, cache_params, self.layer_idx)
         if found is not None and self.activation in _FUSABLE_ACTIVATIONS:
             return self._decode_step(hidden_states, *found)
         kernels = fused_kernels_for(hidden_states, cache_params, attention_mask)
         if kernels is None or self.activation not in _FUSABLE_ACTIVATIONS:
-            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+            return super().forward(hidden_states, attention_mask=attention_mask, **{self._cache_kw: cache_params},
+                                   **kwargs)
         return kernels.mamba_inner_fn(
             self._in_proj_channels_first(hidden_states),
             self.conv1d.weight,
@@ -142,13 +158,18 @@ class FusedMamba2Mixer(Mamba2Mixer):
     """``Mamba2Mixer`` whose no-cache forward is mamba-ssm's ``mamba_split_conv1d_scan_combined`` and whose
     one-token cached step runs the conv-update, state-update and gated-norm kernels directly."""
 
-    def forward(self, hidden_states: torch.Tensor, cache_params: Any = None, attention_mask: Any = None, **kwargs: Any):
+    _cache_kw = _stock_cache_kwarg(Mamba2Mixer)
+
+    def forward(self, hidden_states: torch.Tensor, cache: Any = None, attention_mask: Any = None, **kwargs: Any):
+        # The block passes the cache as ``cache`` or ``cache_params`` depending on the release: take either.
+        cache_params = cache if cache is not None else pop_cache(kwargs)
         found = decode_kernels_for(hidden_states, cache_params, self.layer_idx)
         if found is not None and self._fusable():
             return self._decode_step(hidden_states, *found)
         kernels = fused_kernels_for(hidden_states, cache_params, attention_mask)
         if kernels is None or not self._fusable() or kwargs.get("seq_idx") is not None:
-            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+            return super().forward(hidden_states, attention_mask=attention_mask, **{self._cache_kw: cache_params},
+                                   **kwargs)
         return kernels.mamba_split_conv1d_scan_combined(
             self.in_proj(hidden_states),
             self.conv1d.weight.squeeze(1),

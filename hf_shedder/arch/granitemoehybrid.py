@@ -16,15 +16,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..units import Plan, Unit
 from .base import Undo
 from .hybrid_parts import (
     ExpertMaskedLogits,
     Mamba2HybridAdapter,
+    config_class_with_keeper,
     refuse_plain_export_without_attention,
     remove_experts,
+    slice_router,
     swap_attr,
     with_length_keeper,
 )
@@ -45,23 +46,6 @@ def edit_shared_mlp(mlp: nn.Module, removed: Sequence[int], size: int, *, share:
     new.hidden_size = len(kept)
     new.shedder_channels = tuple(held[p] for p in kept)
     return new
-
-
-class MaskedTopKRouter(ExpertMaskedLogits):
-    """Search-time stand-in for a ``GraniteMoeHybridTopKRouter`` whose removed experts get logit -inf.
-
-    Top-k then never picks them and the softmax over the chosen logits is what a router without
-    those experts computes. Shares the router's weight.
-    """
-
-    def __init__(self, router: nn.Module, removed: Sequence[int]) -> None:
-        super().__init__(router, removed, router.weight.shape[0])
-        self.top_k = router.top_k
-
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = self.masked(self.router(hidden_states)[2])
-        top_logits, top_index = logits.topk(self.top_k, dim=-1)
-        return top_index, F.softmax(top_logits, dim=-1).type_as(hidden_states), logits
 
 
 class GraniteMoeHybridAdapter(Mamba2HybridAdapter):
@@ -102,16 +86,15 @@ class GraniteMoeHybridAdapter(Mamba2HybridAdapter):
     def _mask_part(self, unit: Unit) -> Undo:
         if unit.kind == "experts":
             moe = self.layer(unit.layer).block_sparse_moe
-            return swap_attr(moe, "router", MaskedTopKRouter(moe.router, unit.indices))
+            return swap_attr(moe, "router", ExpertMaskedLogits(moe.router, unit.indices, self.num_experts(unit.layer),
+                                                              normalize="top_k"))
         return super()._mask_part(unit)
 
     def _remove_part(self, unit: Unit) -> None:
         if unit.kind == "experts":
             moe = self.layer(unit.layer).block_sparse_moe
             kept = remove_experts(moe.experts, unit.indices, self.config.num_local_experts)
-            w = moe.router.weight
-            moe.router.weight = nn.Parameter(w.detach()[kept].clone(), requires_grad=w.requires_grad)
-            moe.router.num_experts = len(kept)
+            moe.router = slice_router(moe.router, kept)
         else:
             super()._remove_part(unit)
 
@@ -121,6 +104,8 @@ class GraniteMoeHybridAdapter(Mamba2HybridAdapter):
         # An extra trailing attention entry when none is left keeps HF's hybrid cache usable (see
         # with_length_keeper); such a config is not a valid stock config any more, so no plain export.
         self.config.layer_types = with_length_keeper(types)
+        if len(self.config.layer_types) > len(types):
+            self.config.__class__ = config_class_with_keeper(type(self.config))
         self._types = types
 
     def block_only_export_supported(self, plan: Plan) -> bool:
@@ -140,7 +125,7 @@ class GraniteMoeHybridAdapter(Mamba2HybridAdapter):
 
     def run_layer(self, index: int, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
         masks, position_embeddings = ctx
-        return self.layers()[index](hidden, attention_mask=masks[self._types[index]], past_key_values=None,
+        return self.layers()[index](hidden, attention_mask=masks[self._types[index]],
                                     position_embeddings=position_embeddings)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:

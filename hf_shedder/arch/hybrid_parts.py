@@ -17,13 +17,21 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, CacheLayerMixin
 
+from ..compat import pop_cache
 from ..errors import PlanError
 from ..units import Unit
 from .base import ArchAdapter, Undo
 from .mamba2_heads import Mamba2UnitsMixin
-from .width import check_attention_heads, edit_attention_heads, edit_mlp_channels, kept_positions
+from .width import (
+    check_attention_heads,
+    edit_attention_heads,
+    edit_mlp_channels,
+    kept_positions,
+    select_linear,
+)
 
 
 def swap_attr(owner: nn.Module, name: str, new: nn.Module) -> Undo:
@@ -50,16 +58,23 @@ def swap_item(items: nn.ModuleList, index: int, new: nn.Module) -> Undo:
 
 # ---------------------------------------------------------------- MoE experts
 class ExpertMaskedLogits(nn.Module):
-    """Wraps a router's logit computation so removed experts can never be chosen (logit -inf).
+    """Wraps a MoE router so removed experts can never be chosen (logit -inf).
 
-    Jamba (softmax over all logits, then top-k) then routes exactly as a router without those
-    experts would; :class:`~hf_shedder.arch.granitemoehybrid.MaskedTopKRouter` does the same for
-    GraniteMoeHybrid (top-k, then softmax over the chosen logits).
+    A router is either a plain logit layer (Jamba up to Transformers 5.17: an ``nn.Linear``) or a top-k
+    router returning ``router_logits``, ``top_k_weights`` and ``top_k_index`` (GraniteMoeHybrid; Jamba
+    in newer releases), in an order that changed between releases. For a top-k router the choice is
+    recomputed from the masked logits and returned in the router's own order, so it routes exactly as a
+    router without those experts would. ``normalize`` says how the chosen weights are made:
+    ``"all"`` = softmax over all logits, then top-k (Jamba); ``"top_k"`` = top-k, then softmax over the
+    chosen logits (GraniteMoeHybrid).
     """
 
-    def __init__(self, router: nn.Module, removed: Sequence[int], num_experts: int) -> None:
+    def __init__(self, router: nn.Module, removed: Sequence[int], num_experts: int, normalize: str = "all") -> None:
         super().__init__()
+        if normalize not in ("all", "top_k"):
+            raise ValueError(f"unknown router normalisation {normalize!r}")
         self.router = router
+        self.normalize = normalize
         mask = torch.zeros(num_experts, dtype=torch.bool)
         mask[list(removed)] = True
         self.register_buffer("removed_mask", mask, persistent=False)
@@ -72,8 +87,51 @@ class ExpertMaskedLogits(nn.Module):
         """``logits`` with the removed experts' entries at -inf."""
         return logits.masked_fill(self.removed_mask.to(logits.device), float("-inf"))
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.masked(self.router(hidden_states))
+    def forward(self, hidden_states: torch.Tensor) -> Any:
+        out = self.router(hidden_states)
+        if isinstance(out, torch.Tensor):
+            return self.masked(out)
+        at = top_k_router_layout(out, self.removed_mask.numel())
+        logits = self.masked(out[at["logits"]])
+        top_k = out[at["index"]].shape[-1]
+        if self.normalize == "all":
+            weights, index = F.softmax(logits, dim=-1, dtype=torch.float).topk(top_k, dim=-1)
+        else:
+            top_logits, index = logits.topk(top_k, dim=-1)
+            weights = F.softmax(top_logits, dim=-1)
+        new = list(out)
+        new[at["logits"]], new[at["index"]] = logits, index
+        new[at["weights"]] = weights.to(out[at["weights"]].dtype)
+        return tuple(new)
+
+
+def top_k_router_layout(out: Sequence[torch.Tensor], num_experts: int) -> dict[str, int]:
+    """Positions of ``logits``, ``weights`` and ``index`` in a top-k router's output tuple.
+
+    Told apart by what they are (the index is integer; the logits have one entry per expert, the weights
+    one per chosen expert), as the order changed between Transformers releases.
+    """
+    if len(out) != 3:
+        raise TypeError(f"a top-k router returns (logits, weights, index) in some order, got {len(out)} values")
+    index = [i for i, t in enumerate(out) if not t.is_floating_point()]
+    logits = [i for i, t in enumerate(out) if t.is_floating_point() and t.shape[-1] == num_experts]
+    if len(index) != 1 or len(logits) != 1 or out[index[0]].shape[-1] >= num_experts:
+        raise TypeError("cannot tell a top-k router's logits, weights and index apart")
+    return {"index": index[0], "logits": logits[0], "weights": 3 - index[0] - logits[0]}
+
+
+def slice_router(router: nn.Module, kept: Sequence[int]) -> nn.Module:
+    """A router for the experts at positions ``kept`` only: its weight rows (and bias) sliced, physically."""
+    if isinstance(router, nn.Linear):
+        return select_linear(router, rows=kept, share=False)
+    w = router.weight
+    router.weight = nn.Parameter(w.detach()[list(kept)].clone(), requires_grad=w.requires_grad)
+    if getattr(router, "bias", None) is not None:
+        b = router.bias
+        router.bias = nn.Parameter(b.detach()[list(kept)].clone(), requires_grad=b.requires_grad)
+    if hasattr(router, "num_experts"):
+        router.num_experts = len(kept)
+    return router
 
 
 def remove_experts(experts: nn.Module, removed: Sequence[int], size: int) -> list[int]:
@@ -111,8 +169,8 @@ def keep_kv_length(past_key_values: Any, layer_idx: int, hidden_states: torch.Te
     """
     if past_key_values is None or layer_idx >= len(getattr(past_key_values, "layers", ())):
         return
-    if not hasattr(past_key_values.layers[layer_idx], "keys"):
-        return  # a linear-attention (SSM-only) cache layer tracks no length
+    if not isinstance(past_key_values.layers[layer_idx], CacheLayerMixin):
+        return  # a linear-attention (SSM-only) or, in newer releases, dummy (MLP / MoE) cache layer tracks no length
     b, s = hidden_states.shape[:2]
     zeros = hidden_states.new_zeros(b, 1, s, 1)
     past_key_values.update(zeros, zeros, layer_idx)
@@ -137,9 +195,37 @@ def with_length_keeper(layer_types: list[str]) -> list[str]:
     return [*layer_types, "full_attention"]
 
 
+class PerLayerConfigWithKeeper:
+    """Config mixin: one per-layer config for the keeper slot too.
+
+    Newer Transformers (``per_layer_config``, absent in 5.17) build a cache layer per pair of
+    ``layer_types`` entry and ``per_layer_config`` entry; the latter has ``num_hidden_layers`` entries,
+    so the keeper past the last layer would be dropped. The keeper's slot reads the global config.
+    """
+
+    @property
+    def per_layer_config(self) -> Any:
+        layers = list(super().per_layer_config)  # type: ignore[misc]
+        return [*layers, *[self] * (len(getattr(self, "layer_types", None) or ()) - len(layers))]
+
+    @per_layer_config.setter
+    def per_layer_config(self, value: Any) -> None:
+        super(PerLayerConfigWithKeeper, type(self)).per_layer_config.__set__(self, value)  # type: ignore[misc]
+
+
+@functools.cache
+def config_class_with_keeper(base: type) -> type:
+    """``base`` with :class:`PerLayerConfigWithKeeper` mixed in (for configs that hold the keeper as a plain list)."""
+    if issubclass(base, PerLayerConfigWithKeeper):
+        return base
+    cls = type(base.__name__, (PerLayerConfigWithKeeper, base), {})
+    cls.__qualname__ = base.__qualname__
+    return cls
+
+
 @functools.cache
 def _cache_types_with_keeper(base: type) -> type:
-    class WithLengthKeeper(base):  # type: ignore[misc, valid-type]
+    class WithLengthKeeper(PerLayerConfigWithKeeper, base):  # type: ignore[misc, valid-type]
         # The cache reads ``layer_types``; the layer pattern (what the model indexes per layer) stays as it is.
         attribute_map = {k: v for k, v in base.attribute_map.items() if k != "layer_types"}
 
@@ -187,8 +273,8 @@ class SkippedAttentionLayer(nn.Module):
         self.layer_idx = layer_idx
         self.returns_tuple = returns_tuple
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
-        keep_kv_length(past_key_values, self.layer_idx, hidden_states)
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        keep_kv_length(pop_cache(kwargs), self.layer_idx, hidden_states)
         return (hidden_states,) if self.returns_tuple else hidden_states
 
 
@@ -332,7 +418,8 @@ class Mamba2HybridAdapter(Mamba2UnitsMixin, HybridAdapterMixin):
 
 
 __all__ = [
-    "ExpertMaskedLogits", "HybridAdapterMixin", "Mamba2HybridAdapter", "SkippedAttentionLayer", "check_experts_left",
-    "keep_cache_length", "keep_kv_length", "refuse_plain_export_without_attention", "remove_experts", "swap_attr",
-    "swap_item", "tracks_length", "with_length_keeper",
+    "ExpertMaskedLogits", "HybridAdapterMixin", "Mamba2HybridAdapter", "PerLayerConfigWithKeeper", "SkippedAttentionLayer",
+    "check_experts_left", "config_class_with_keeper", "keep_cache_length", "keep_kv_length",
+    "refuse_plain_export_without_attention", "remove_experts", "slice_router", "swap_attr", "swap_item",
+    "top_k_router_layout", "tracks_length", "with_length_keeper",
 ]

@@ -25,14 +25,15 @@ from .base import Undo
 from .hybrid_parts import (
     ExpertMaskedLogits,
     HybridAdapterMixin,
+    PerLayerConfigWithKeeper,
     refuse_plain_export_without_attention,
     remove_experts,
+    slice_router,
     swap_attr,
     with_length_keeper,
 )
 from .layerwise_inputs import layer_type_masks, position_ids_for
 from .ssm_free import SSMFreeMixer
-from .width import select_linear
 
 
 def fit_period(flags: Sequence[bool]) -> tuple[int, int] | None:
@@ -48,7 +49,7 @@ def fit_period(flags: Sequence[bool]) -> tuple[int, int] | None:
 def _explicit_layout_class(base: type) -> type:
     """A subclass of a Jamba config whose layer layout is an explicit list (any pruned pattern)."""
 
-    class ExplicitLayout(base):  # type: ignore[misc, valid-type]
+    class ExplicitLayout(PerLayerConfigWithKeeper, base):  # type: ignore[misc, valid-type]
         @property
         def layers_block_type(self) -> list[str]:
             return list(self.__dict__["_shedder_block_types"])
@@ -131,7 +132,7 @@ class JambaAdapter(HybridAdapterMixin):
         if unit.kind == "experts":
             moe = self.layer(unit.layer).feed_forward
             pos = remove_experts(moe.experts, unit.indices, self._num_experts[unit.layer])
-            moe.router = select_linear(moe.router, rows=pos, share=False)
+            moe.router = slice_router(moe.router, pos)
             moe.num_experts = len(pos)
         else:
             super()._remove_part(unit)
@@ -178,8 +179,7 @@ class JambaAdapter(HybridAdapterMixin):
     def run_layer(self, index: int, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
         masks, position_ids = ctx
         kind = "full_attention" if self.is_attention(index) else "linear_attention"
-        return self.layers()[index](hidden, attention_mask=masks[kind], position_ids=position_ids,
-                                    past_key_values=None)
+        return self.layers()[index](hidden, attention_mask=masks[kind], position_ids=position_ids)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder.final_layernorm(hidden)

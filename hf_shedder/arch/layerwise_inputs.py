@@ -20,6 +20,8 @@ def position_ids_for(hidden: torch.Tensor) -> torch.Tensor:
 def layer_type_masks(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                      position_ids: torch.Tensor | None = None) -> dict[str, Any]:
     """The masks of a cache-free forward, keyed by HF layer type (``full_attention`` / ``linear_attention``)."""
-    kw = {"config": config, "inputs_embeds": hidden, "attention_mask": attention_mask,
-          "past_key_values": None, "position_ids": position_ids}
-    return {"full_attention": create_causal_mask(**kw), "linear_attention": create_recurrent_attention_mask(**kw)}
+    # No cache: passed positionally, as the keyword was renamed (past_key_values -> cache) after Transformers 5.17.
+    return {
+        "full_attention": create_causal_mask(config, hidden, attention_mask, None, position_ids=position_ids),
+        "linear_attention": create_recurrent_attention_mask(config, hidden, attention_mask),
+    }

@@ -68,13 +68,11 @@ class BackboneSSMAdapter(ArchAdapter):
     # ---------------------------------------------------------------- layer-wise forward
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         hidden = self.backbone.embeddings(input_ids)
-        mask = create_recurrent_attention_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None
-        )
+        mask = create_recurrent_attention_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
         return hidden, mask
 
     def run_layer(self, index: int, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
-        return self.layers()[index](hidden, cache_params=None, attention_mask=ctx)
+        return self.layers()[index](hidden, attention_mask=ctx)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.backbone.norm_f(hidden)

@@ -190,7 +190,7 @@ class NemotronHAdapter(HybridStackAdapter):
         block_type = self.config.layers_block_type[index]
         return self.layers()[index](
             hidden, attention_mask=ctx["masks"].get(block_type), position_ids=ctx["position_ids"],
-            past_key_values=None, use_cache=False,
+            use_cache=False,
         )
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:

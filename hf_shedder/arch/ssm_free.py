@@ -35,6 +35,7 @@ from transformers.models.mamba2.modeling_mamba2 import (
     causal_conv1d_update,
 )
 
+from ..compat import pop_cache
 from .fused_mixers import fused_kernels_for, gated_rms_norm
 
 
@@ -127,10 +128,13 @@ class SSMFreeMixer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        cache_params: Any = None,
+        cache: Any = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        # The block hands the cache over as ``cache`` (newer Transformers) or ``cache_params`` (5.17): a mixer
+        # that missed it would restart its convolution at every decoding step (same logits, other tokens).
+        cache_params = cache if cache is not None else pop_cache(kwargs)
         seq_len = hidden_states.shape[1]
         dtype = hidden_states.dtype
         use_cached = cache_params is not None and cache_params.has_previous_state(self.layer_idx)
@@ -144,7 +148,7 @@ class SSMFreeMixer(nn.Module):
             x = x.transpose(1, 2)
 
         weight = self.conv1d.weight.squeeze(1)
-        if use_cached and seq_len == 1 and not cache_params.layers[self.layer_idx].record_past:
+        if use_cached and seq_len == 1 and not getattr(cache_params.layers[self.layer_idx], "record_past", False):
             conv_state = cache_params.layers[self.layer_idx].conv_states[0]
             x = causal_conv1d_update(x, conv_state, weight, self.conv1d.bias, activation=self.activation)
         else:

@@ -337,7 +337,7 @@ class Zamba2Adapter(WidthUnitsMixin, ArchAdapter):
 
     def run_layer(self, index: int, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
         return self.layers()[index](
-            hidden, ctx["original"], index, ctx["linear"], ctx["full"], past_key_values=None, use_cache=False,
+            hidden, ctx["original"], index, ctx["linear"], ctx["full"], use_cache=False,
             position_embeddings=ctx["rope"], position_ids=ctx["position_ids"],
         )
 

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # Keyword arguments of a decode step that the captured call can ignore or replay as captured.
 _STEP_KWARGS = {"input_ids", "use_cache", "return_dict", "attention_mask", "cache_position", "logits_to_keep"}
-_CACHE_KWARGS = ("cache_params", "past_key_values")
+_CACHE_KWARGS = ("cache", "cache_params", "past_key_values")  # the names a cache has had, newest first
 
 
 # ---------------------------------------------------------------------- cache tensors
@@ -295,6 +295,21 @@ def _output_cache_key(output: Any) -> str:
         if key in output:
             return key
     return "cache_params"
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model output carries, under whichever name the release gives it."""
+    for key in _CACHE_KWARGS:
+        value = getattr(output, key, None)
+        if value is not None:
+            return value
+    return None
+
+
+def forward_cache_kwarg(model: nn.Module) -> str:
+    """The keyword ``model``'s forward takes its cache under."""
+    params = inspect.signature(type(model).forward).parameters
+    return next((k for k in _CACHE_KWARGS if k in params), "past_key_values")
 
 
 def weights_key(model: nn.Module, with_versions: bool = False) -> tuple[Any, ...]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .graph_decode import _StepGraph, graph_decoder_of, weights_key
+from .graph_decode import _StepGraph, forward_cache_kwarg, graph_decoder_of, output_cache, weights_key
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class GreedyGraphGenerate:
         params = _forward_parameters(self.model)
         last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         out = self._eager(input_ids=ids, use_cache=True, return_dict=True, **last_only)
-        cache = getattr(out, "cache_params", None) or getattr(out, "past_key_values", None)
+        cache = output_cache(out)
         key = weights_key(self.model, with_versions=True)
         if key != self._weights_key:  # weights moved, changed in place or changed dtype: capture anew
             self.graphs.clear()
@@ -187,7 +187,7 @@ class GreedyGraphGenerate:
         buffers.reset(request)
         state.input_ids.copy_(buffers.choose(out.logits))
         if request.new_tokens > 1:
-            cache_kw = "cache_params" if "cache_params" in params else "past_key_values"
+            cache_kw = forward_cache_kwarg(self.model)
             if capture:
                 state.adopt(cache)  # the graph's static cache tensors take this prompt's state
 

@@ -34,7 +34,7 @@ class HymbaConfig(PreTrainedConfig):
     """
 
     model_type = "hymba"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 65536
     tie_word_embeddings: bool = False

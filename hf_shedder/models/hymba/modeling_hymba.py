@@ -35,6 +35,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
+from ...compat import CACHE_KWARG
 from .configuration_hymba import HymbaConfig
 
 try:  # optional CUDA kernels
@@ -630,7 +631,7 @@ class HymbaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HymbaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _is_stateful = True
 
@@ -766,8 +767,11 @@ class HymbaModel(HymbaPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: HymbaCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        # ``generate`` hands the cache back as ``cache`` (newer Transformers) or ``past_key_values`` (5.17).
+        past_key_values = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
@@ -789,8 +793,8 @@ class HymbaModel(HymbaPreTrainedModel):
             all_hidden.append(hidden)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
-            past_key_values=cache,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **{CACHE_KWARG: cache},
         )
 
 
@@ -828,13 +832,14 @@ class HymbaForCausalLM(HymbaPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: HymbaCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -848,8 +853,8 @@ class HymbaForCausalLM(HymbaPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)},
         )
 
 
