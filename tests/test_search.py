@@ -40,7 +40,8 @@ def _peaked(family: str, num_layers: int = 5, n: int = 6):
 
 
 def _settings(**kw) -> SearchSettings:
-    base = dict(units=("block",), steps=3, batch_size=2, samples=4, seqlen=32, calibration="random")
+    # the exact searches (racing, the default, is tested in test_search_racing.py)
+    base = dict(units=("block",), steps=3, batch_size=2, samples=4, seqlen=32, calibration="random", race_delta=None)
     base.update(kw)
     return SearchSettings(**base)
 
