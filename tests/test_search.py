@@ -345,6 +345,8 @@ def test_cli_prune_end_to_end_with_apply(tmp_path, saved_model, capsys):
         (["--samples", "5000"], r"needs 5000 x 24 = 120000 tokens, the text gives"),
         (["--calibration", "EMPTY"], "the text is empty"),
         (["--calibration", "wikitext2"], "cannot fetch Salesforce/wikitext.*local file"),
+        (["--exact", "--race-delta", "0.01"], "--exact turns racing off"),
+        (["--race-delta", "2"], "race_delta must be in"),
     ],
 )
 def test_cli_prune_errors_are_clean(tmp_path, saved_model, capsys, extra, message):

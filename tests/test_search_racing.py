@@ -19,7 +19,7 @@ from hf_shedder.search.racing import (
     student_t_quantile,
     student_t_sf,
 )
-from tests.test_search import _peaked
+from tests.test_search import _peaked, saved_model  # noqa: F401, F811  (fixture)
 
 
 # ------------------------------------------------------------------ the bound
@@ -157,3 +157,16 @@ def test_an_exact_journal_is_not_resumed_by_the_raced_default(tmp_path):
     search(model, calib, _settings(race_delta=None, steps=1), out_dir=tmp_path, progress=False)
     with pytest.raises(SearchError, match="race_delta"):
         search(model, calib, _settings(steps=1), out_dir=tmp_path, progress=False)
+
+
+def test_cli_exact_turns_racing_off(tmp_path, saved_model, capsys):  # noqa: F811
+    from hf_shedder.cli import main
+
+    argv = ["prune", "--model", str(saved_model), "--steps", "1", "--calibration", "bundled", "--samples", "2",
+            "--seqlen", "24", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "exact"), "--exact"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "raced"), "--race-delta", "0.01", "--race-min-samples", "4"]) == 0
+    exact = json.loads((tmp_path / "exact" / JOURNAL_NAME).read_text())
+    raced = json.loads((tmp_path / "raced" / JOURNAL_NAME).read_text())
+    assert exact["settings"]["race_delta"] is None and exact["steps"][0]["race"] is None
+    assert raced["settings"]["race_delta"] == 0.01 and raced["steps"][0]["race"]["min_samples"] == 4
