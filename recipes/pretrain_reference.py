@@ -19,6 +19,12 @@ Steps (see the README card of each model for the numbers of the bundled run):
   2. train (GPU with mamba-ssm / causal-conv1d, see benchmarks/gpu_setup.sh; runs on CPU too):
        python recipes/pretrain_reference.py train --arch mamba mamba2 hybrid \
            --tokens .dev/corpus/train.u16.npy --out runs/reference --time-budget 120
+  Deeper models for the search benchmarks (issue 15; too large to ship, rebuilt on the device):
+       python recipes/pretrain_reference.py train --arch mamba2 --layers 48 --hidden 512 \
+           --text hf_shedder/assets/reference/validation.txt hf_shedder/assets/text/validation.txt \
+           --validation hf_shedder/assets/text/calibration.txt --out runs/deep --time-budget 100
+     (--text trains on the bundled text files instead of the Debian corpus, which the device cannot
+     fetch; --validation is then the bundled calibration text, held out from that training.)
   3. eval: validation perplexity of a saved model (pure PyTorch on CPU):
        python recipes/pretrain_reference.py eval --model hf_shedder/assets/reference/mamba2
 """
@@ -63,9 +69,25 @@ ARCHS = ("mamba", "mamba2", "hybrid")
 # ----------------------------------------------------------------------------------------------
 # Model configurations
 # ----------------------------------------------------------------------------------------------
-def make_config(arch: str):
-    """The reference configuration of `arch` (16 layers, tied embeddings, GPT-NeoX vocabulary)."""
+def make_config(arch: str, layers: int | None = None, hidden: int | None = None):
+    """The reference configuration of `arch` (16 layers, tied embeddings, GPT-NeoX vocabulary); ``layers``
+    and ``hidden`` make a deeper/wider Mamba or Mamba-2 (Mamba-2 then uses heads of 64, as mamba2-2.7b)."""
     from transformers import Mamba2Config, MambaConfig, Zamba2Config
+
+    if layers or hidden:
+        if arch not in ("mamba", "mamba2"):
+            raise SystemExit("--layers/--hidden apply to mamba and mamba2 only")
+        cfg = make_config(arch)
+        cfg.num_hidden_layers = layers or cfg.num_hidden_layers
+        if hidden:
+            cfg.hidden_size = hidden
+            if arch == "mamba":
+                cfg.time_step_rank = math.ceil(hidden / 16)
+                cfg.intermediate_size = cfg.expand * hidden
+            else:
+                cfg.head_dim = 64 if hidden % 32 == 0 else cfg.head_dim
+                cfg.num_heads = cfg.expand * hidden // cfg.head_dim
+        return cfg
 
     common = dict(vocab_size=VOCAB_SIZE, pad_token_id=EOS_ID, bos_token_id=EOS_ID, eos_token_id=EOS_ID,
                   tie_word_embeddings=True)
@@ -332,7 +354,7 @@ def train_one(arch: str, args: argparse.Namespace, tokens: np.ndarray, val_ids: 
     device = torch.device("cuda" if cuda else "cpu")
     bf16 = cuda and not args.no_bf16
     set_seed(args.seed)
-    config = make_config(arch)
+    config = make_config(arch, args.layers, args.hidden)
     model_cls = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "hybrid": "Zamba2ForCausalLM"}[arch]
     import transformers
 
@@ -370,7 +392,8 @@ def train_one(arch: str, args: argparse.Namespace, tokens: np.ndarray, val_ids: 
                 control.should_training_stop = True
             return control
 
-    run_dir = os.path.join(args.out, f"{arch}_trainer")
+    name = args.name or arch
+    run_dir = os.path.join(args.out, f"{name}_trainer")
     targs = TrainingArguments(
         output_dir=run_dir, max_steps=max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
@@ -390,7 +413,7 @@ def train_one(arch: str, args: argparse.Namespace, tokens: np.ndarray, val_ids: 
 
     history = [{k: v for k, v in h.items() if k in ("step", "loss", "learning_rate", "grad_norm")}
                for h in trainer.state.log_history if "loss" in h]
-    out_dir = os.path.join(args.out, arch)
+    out_dir = os.path.join(args.out, name)
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     model.to(torch.bfloat16).save_pretrained(out_dir, max_shard_size="15MB")
@@ -417,7 +440,7 @@ def train_one(arch: str, args: argparse.Namespace, tokens: np.ndarray, val_ids: 
     }
     with open(os.path.join(out_dir, "training_metrics.json"), "w") as f:
         json.dump(info, f, indent=1)
-    write_card(out_dir, info, make_config(arch))
+    write_card(out_dir, info, make_config(arch, args.layers, args.hidden))
     shutil.rmtree(run_dir, ignore_errors=True)
     print(f"[{arch}] {steps} steps, {tokens_seen:,d} tokens in {train_s:.0f} s; val ppl random {random_ppl:.1f} -> "
           f"trained {trained_ppl:.2f} (checkpoint fp32 {ckpt_ppl:.2f}); saved {info['saved_bytes'] / 1e6:.2f} MB",
@@ -499,7 +522,15 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
-    tokens = np.load(args.tokens, mmap_mode="r")
+    if args.text:  # the bundled text files, each ended by EOS (the device cannot build the Debian corpus)
+        tok = load_tokenizer(args.tokenizer)
+        ids: list[int] = []
+        for path in args.text:
+            with open(path, encoding="utf-8") as f:
+                ids += tok(f.read())["input_ids"] + [EOS_ID]
+        tokens = np.asarray(ids, dtype=np.uint16)
+    else:
+        tokens = np.load(args.tokens, mmap_mode="r")
     if args.limit_tokens:
         tokens = tokens[: args.limit_tokens]
     tok = load_tokenizer(args.tokenizer)
@@ -525,7 +556,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
                 os.makedirs(args.tar_to, exist_ok=True)
                 with tarfile.open(os.path.join(args.tar_to, f"{arch}.tar"), "w") as tf:
-                    tf.add(os.path.join(args.out, arch), arcname=arch)
+                    tf.add(os.path.join(args.out, args.name or arch), arcname=args.name or arch)
         except Exception as exc:  # keep going: one broken model must not cost the others their run
             import traceback
 
@@ -583,6 +614,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--deadline", type=float, help="unix time by which all models must be done")
     t.add_argument("--overhead", type=float, default=45.0, help="seconds per model outside training (with --deadline)")
     t.add_argument("--max-steps", type=int, help="fixed number of steps instead of a time budget")
+    t.add_argument("--text", nargs="+", help="train on these text files instead of --tokens")
+    t.add_argument("--layers", type=int, help="number of layers (mamba/mamba2; default 16)")
+    t.add_argument("--hidden", type=int, help="hidden size (mamba/mamba2; default the reference's)")
+    t.add_argument("--name", help="output folder name under --out (default: the arch)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--seq-len", type=int, default=512)
     t.add_argument("--eval-batch-size", type=int, default=32)

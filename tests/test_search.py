@@ -40,7 +40,8 @@ def _peaked(family: str, num_layers: int = 5, n: int = 6):
 
 
 def _settings(**kw) -> SearchSettings:
-    base = dict(units=("block",), steps=3, batch_size=2, samples=4, seqlen=32, calibration="random")
+    # the exact searches (racing, the default, is tested in test_search_racing.py)
+    base = dict(units=("block",), steps=3, batch_size=2, samples=4, seqlen=32, calibration="random", race_delta=None)
     base.update(kw)
     return SearchSettings(**base)
 
@@ -344,6 +345,8 @@ def test_cli_prune_end_to_end_with_apply(tmp_path, saved_model, capsys):
         (["--samples", "5000"], r"needs 5000 x 24 = 120000 tokens, the text gives"),
         (["--calibration", "EMPTY"], "the text is empty"),
         (["--calibration", "wikitext2"], "cannot fetch Salesforce/wikitext.*local file"),
+        (["--exact", "--race-delta", "0.01"], "--exact turns racing off"),
+        (["--race-delta", "2"], "race_delta must be in"),
     ],
 )
 def test_cli_prune_errors_are_clean(tmp_path, saved_model, capsys, extra, message):

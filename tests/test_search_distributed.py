@@ -19,7 +19,8 @@ from tests.tiny_models import VOCAB, build_tiny
 
 # (name, settings) run by both worlds; 5 samples in batches of 2 -> 3 batches, uneven over 2 ranks
 CASES = {
-    "fast": dict(units=("ssm", "block")),
+    "fast": dict(units=("ssm", "block"), race_delta=None),
+    "raced": dict(units=("ssm", "block"), race_min_samples=2),
     "plain": dict(units=("ssm", "block"), exact_reference=True),
     "fast_by_candidates": dict(units=("ssm", "block"), split="candidates"),
     "plain_by_candidates": dict(units=("block",), exact_reference=True, split="candidates"),

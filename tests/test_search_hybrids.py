@@ -76,7 +76,8 @@ def _model_and_calibration(family):
 
 @pytest.mark.parametrize("family", list(BUILDERS))
 def test_search_mixing_blocks_and_width_kinds(tmp_path, monkeypatch, family):
-    settings = SearchSettings(units=UNITS[family], steps=3, batch_size=1, samples=2, seqlen=6, calibration="greedy")
+    settings = SearchSettings(units=UNITS[family], steps=3, batch_size=1, samples=2, seqlen=6, calibration="greedy",
+                              race_delta=None)  # the exact search with its leader phase
     model, calib = _model_and_calibration(family)
     plain = search(model, calib, dataclasses.replace(settings, exact_reference=True), progress=False)
     assert plain.plan.units[0] == Unit("block", 0)

@@ -35,7 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wide-block-candidates", action="store_true",
                    help="Hymba: offer every block the KV-sharing rules allow, not only the reference's candidates "
                         "(last layer of each KV-reuse group + global-attention layers)")
-    p.add_argument("--no-early-abandon", action="store_true", help="measure every candidate on every batch")
+    p.add_argument("--exact", action="store_true",
+                   help="no racing: every candidate is measured on all batches (except exact early abandon)")
+    p.add_argument("--race-delta", type=float, default=None, metavar="DELTA",
+                   help="racing on paired per-sample NLL differences (the default): probability per step that "
+                        "the step's true best is raced out (default 1e-3)")
+    p.add_argument("--race-min-samples", type=int, default=None,
+                   help="no candidate is raced out before this many calibration samples (default 8)")
+    p.add_argument("--no-early-abandon", action="store_true",
+                   help="with --exact: measure every candidate on every batch")
     p.add_argument("--race", type=float, default=None, metavar="FRACTION",
                    help="APPROXIMATE: after this fraction of the batches keep only --race-keep candidates")
     p.add_argument("--race-keep", type=int, default=3)
@@ -70,13 +78,20 @@ def run(args: argparse.Namespace) -> int:
     if args.apply and args.export in STOCK_EXPORTS and kinds - {"block"}:
         raise SearchError(f"--export {args.export} holds whole-block removal only, and --units {args.units} can remove "
                           "other units; use --export remote_code or hf_shedder, or --units block")
+    if args.exact and (args.race_delta is not None or args.race is not None):
+        raise SearchError("--exact turns racing off; drop --race-delta / --race (or --exact)")
+    race = {} if args.race_delta is None else {"race_delta": args.race_delta}
+    if args.exact:
+        race["race_delta"] = None
+    if args.race_min_samples is not None:
+        race["race_min_samples"] = args.race_min_samples
     device = rank_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = SearchSettings(
         units=args.units, steps=args.steps, target_params=args.target_params, max_ppl=args.max_ppl,
         calibration=args.calibration, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
         calibration_mode=args.calibration_mode, batch_size=args.batch_size, dtype=None, device=None,
         exact_reference=args.exact_reference, normalize=args.normalize, early_abandon=not args.no_early_abandon, race_fraction=args.race,
-        race_keep=args.race_keep, split=args.split,
+        race_keep=args.race_keep, split=args.split, **race,
     )
     if args.wide_block_candidates:
         settings.extra["wide_block_candidates"] = True

@@ -5,9 +5,12 @@ calibration perplexity is measured; the candidate with the lowest perplexity (fi
 order on ties) joins the plan. ``exact_reference=True`` measures each candidate with a full model
 forward per batch, like the reference. The default runs, per batch, the current plan once layer by
 layer, caching the hidden state entering each layer, and each candidate only from its own layer on.
-Exact early abandon: every per-sample NLL is >= 0, so once a candidate's partial sum exceeds the total
-of a candidate already measured on all batches (the *leader*, the previous step's runner-up), it
-cannot win and is dropped.
+By default candidates are raced on paired per-sample NLL differences (``racing.py``): after every
+batch, a candidate leaves once a confidence bound shows it cannot be the step's best; the survivors
+finish on all batches and the pick among them is exact. Every elimination and its bound is journaled.
+Without racing (``race_delta=None``, the ``--exact`` search), exact early abandon: every per-sample NLL
+is >= 0, so once a candidate's partial sum exceeds the total of a candidate already measured on all
+batches (the *leader*, the previous step's runner-up), it cannot win and is dropped.
 
 Work is organised in *rounds* of ``world_size`` calibration batches (one per process); results are
 gathered and replayed in batch order, so one process and several make the same decisions and write
@@ -34,6 +37,7 @@ from ..errors import DataError, SearchError
 from ..loading import parse_dtype, skeleton_parameters
 from ..runtime import fused_forward
 from ..units import Plan, Unit
+from . import racing
 from .evaluator import BASE, Evaluator, unit_key
 from .journal import JOURNAL_NAME, check_resumable, new_journal, read_journal, write_journal
 from .reference_mode import reference_mean_ppl
@@ -279,8 +283,11 @@ class _Search:
 
     # ------------------------------------------------------------------ one step
     def _new_partial(self, n: int, cands: list[Unit]) -> dict[str, Any]:
-        leader = None
-        if not self.settings.exact_reference and self.settings.early_abandon and len(cands) > 1:
+        leader, s = None, self.settings
+        race = None
+        if not s.exact_reference and s.race_delta is not None and len(cands) > 1:
+            race = racing.RaceSpec(s.race_delta, len(cands), self.nb, s.race_min_samples).to_dict()
+        elif not s.exact_reference and s.early_abandon and len(cands) > 1:
             leader = unit_key(self._leader(cands))
         keys = [unit_key(u) for u in cands]
         if self.journal["base"] is None:
@@ -297,6 +304,8 @@ class _Search:
             "batches": {k: 0 for k in keys},
             "status": {k: "active" for k in keys},
             "main_batches": 0,
+            "race": race,
+            "eliminations": [],
             "seconds": 0.0,
             "counters_at_start": {k: self.journal["counters"][k] for k in ("layer_evals", "head_evals", "candidate_batches")},
         }
@@ -466,6 +475,8 @@ class _Search:
                         if bound > best:
                             part["status"][k] = "abandoned"
                             bar.update(nb - part["batches"][k])
+                if part.get("race") is not None:
+                    self._race_paired(gb, main, part, bar, plan, by_key, current_nll)
                 if race_end is not None and gb + 1 == race_end:
                     self._race_cut(main, part, bar, plan, by_key, current_nll)
                 part["main_batches"] = gb + 1
@@ -474,6 +485,24 @@ class _Search:
         for k in main:
             if part["status"][k] == "active" and part["batches"][k] == nb:
                 part["status"][k] = "done"
+
+    def _race_paired(self, gb: int, main: list[str], part: dict[str, Any], bar: tqdm, plan: Plan,
+                     by_key: dict[str, Unit], current_nll: float | None) -> None:
+        """After batch ``gb``: drop (and journal) every candidate the paired-difference bound rules out."""
+        active = [k for k in main if part["status"][k] == "active"]
+        if self.settings.normalize is None:
+            coef = dict.fromkeys(active, 1.0)
+            current: list[float | None] | float = 0.0
+        else:
+            coef = {k: 1.0 / max(1, self._removed(plan, by_key[k])) for k in active}
+            # first step: the base plan runs alongside, per sample; later: the current plan's mean
+            current = part["values"][BASE] if current_nll is None else current_nll
+        r = part["race"]
+        spec = racing.RaceSpec(r["delta"], r["candidates"], r["looks"], r["min_samples"])
+        for elim in racing.eliminate(spec, active, part["values"], coef, current, self.ev.n_valid):
+            part["status"][elim["unit"]] = "raced_out"
+            part["eliminations"].append({"batch": gb, "batches": gb + 1, **elim})
+            bar.update(self.nb - part["batches"][elim["unit"]])
 
     def _race_cut(self, main: list[str], part: dict[str, Any], bar: tqdm, plan: Plan, by_key: dict[str, Unit],
                   current_nll: float | None) -> None:
@@ -502,6 +531,7 @@ class _Search:
     def _finish_step(self, n: int, plan: Plan, cands: list[Unit], part: dict[str, Any]) -> dict[str, Any]:
         current_nll = self._current_nll()
         rows, best, best_unit = [], None, None
+        elim = {e["unit"]: e for e in part.get("eliminations", [])}
         for unit in cands:
             k = unit_key(unit)
             status = part["status"][k]
@@ -518,6 +548,8 @@ class _Search:
             else:
                 lower = _mean(part["values"][k], self.ev.n_valid)
                 row.update(mean_nll=None, ppl=None, score=None, ppl_lower_bound=_ppl(lower))
+                if status == "raced_out" and elim.get(k) is not None:
+                    row["eliminated_after_batches"] = elim[k]["batches"]
             rows.append(row)
         if best_unit is None:
             raise SearchError(f"step {n + 1}: no candidate was evaluated on all calibration batches")
@@ -536,6 +568,8 @@ class _Search:
             "params": self._params(new_plan),
             "seconds": part["seconds"],
             "leader": part["leader"],
+            "race": part.get("race"),
+            "eliminations": part.get("eliminations", []),
             "candidates": rows,
             "counters": {k: now[k] - start[k] for k in start},
         }

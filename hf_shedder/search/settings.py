@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import SearchError
+from .racing import DEFAULT_DELTA, DEFAULT_MIN_SAMPLES
 
 NORMALIZE_CHOICES = (None, "params")
 CALIBRATION_MODES = ("windows", "reference")  # see data.load_calibration
@@ -56,6 +57,8 @@ class SearchSettings:
     early_abandon: bool = True
     race_fraction: float | None = None
     race_keep: int = 3
+    race_delta: float | None = DEFAULT_DELTA
+    race_min_samples: int = DEFAULT_MIN_SAMPLES
     ignore_token_id: int | None = None
     cache_device: str | None = None
     split: str = "batches"
@@ -83,6 +86,13 @@ class SearchSettings:
             raise SearchError(f"race_fraction must be in (0, 1) (or None to turn racing off), got {self.race_fraction}")
         if self.race_keep < 1:
             raise SearchError(f"race_keep must be >= 1, got {self.race_keep}")
+        if self.race_delta is not None and not 0.0 < self.race_delta < 1.0:
+            raise SearchError(f"race_delta must be in (0, 1) (or None for the exact search), got {self.race_delta}")
+        if isinstance(self.race_min_samples, bool) or not isinstance(self.race_min_samples, int) \
+                or self.race_min_samples < 2:
+            raise SearchError(f"race_min_samples must be an integer >= 2, got {self.race_min_samples!r}")
+        if self.exact_reference:
+            self.race_delta = None  # the plain loop measures every candidate on every batch
         if self.calibration_mode not in CALIBRATION_MODES:
             raise SearchError(f"calibration_mode must be one of {CALIBRATION_MODES}, got {self.calibration_mode!r}")
         if self.reference_numerics and (not self.exact_reference or self.normalize or self.race_fraction is not None):
@@ -109,7 +119,8 @@ class SearchSettings:
 # path (or hub name) are the same model, so the name must not block a resume.
 INFO_ONLY = frozenset({"model.name"})
 # Identity fields added after the journal format was fixed, with the value older journals implied.
-IDENTITY_DEFAULTS = {"calibration_mode": "windows", "reference_numerics": False}
+IDENTITY_DEFAULTS = {"calibration_mode": "windows", "reference_numerics": False, "race_delta": None,
+                     "race_min_samples": DEFAULT_MIN_SAMPLES}
 
 
 def model_identity(model: torch.nn.Module) -> dict[str, Any]:
