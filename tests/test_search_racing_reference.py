@@ -55,6 +55,8 @@ def plain_loop_layer_evals(model, units: tuple[str, ...], plan_units, n_batches:
     return out
 
 
+# ~20 min on CI's 2 cores per Transformers release: run on demand (HF_SHEDDER_SLOW_TESTS=1), not in every suite.
+@pytest.mark.skipif(os.environ.get("HF_SHEDDER_SLOW_TESTS") != "1", reason="slow (~20 min): HF_SHEDDER_SLOW_TESTS=1")
 @pytest.mark.parametrize("name, kind", [("mamba", "block"), ("mamba2", "ssm"), ("hybrid", "block")])
 def test_default_search_keeps_the_exact_plan_with_5x_fewer_layer_evaluations(name, kind):
     path = Path(hf_shedder.__file__).parent / "assets" / "reference" / name
