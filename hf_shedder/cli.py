@@ -1,4 +1,8 @@
-"""``hf-shedder``: the command line. Each sub-command lives in ``hf_shedder/commands/<name>.py``."""
+"""``hf-shedder``: the command line. Each sub-command lives in ``hf_shedder/commands/<name>.py``.
+
+Building the parser imports no torch or Transformers (command modules import them inside ``run``), so
+``--help`` and argument errors come back at once.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import hf_shedder
+
+    hf_shedder.register()  # the package started empty (see hf_shedder/__init__.py): pruned models load from here on
     try:
         return int(args._run(args) or 0)
     except ShedderError as e:

@@ -33,10 +33,10 @@ from torch import nn
 
 from .arch import get_adapter
 from .data import read_json_rows, render_alpaca, require_special_tokens
+from .defaults import DEFAULT_DATA, LORA_DEFAULTS, LORA_LEARNING_RATE, REFERENCE_SETTINGS  # noqa: F401
 from .errors import DataError, RecoveryError
 from .records import PLAN_FILE
 
-DEFAULT_DATA = "yahma/alpaca-cleaned"
 BUNDLED_DATA = "bundled"
 CHECKPOINT_SUBDIR = "checkpoints"
 RUN_FILE = "recovery_run.json"  # beside the Trainer checkpoints: the settings they were trained with
@@ -45,19 +45,6 @@ RECOVERY_FILE = "recovery.json"  # read by hf_shedder.hub for the model card
 # Results of earlier stages that stay true after recovery; copied so the card of OUT can show them.
 CARRIED_FILES = ("shedder_search.json", "trajectory.png", "trajectory.csv", "trajectory.json", "pruning_config.json")
 
-# The reference's recovery settings (Mamba-Shedder README + recovery scripts).
-REFERENCE_SETTINGS: dict[str, Any] = {
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 32,
-    "gradient_accumulation_steps": 1,
-    "full_ft_learning_rate": 5e-5,
-    "warmup_steps": 100,
-    "max_length": 256,
-    "val_size": 2000,
-    "seed": 42,
-}
-LORA_LEARNING_RATE = 3e-4
-LORA_DEFAULTS: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "bias": "none"}
 # Module types PEFT's LoRA can wrap; listed when a requested target does not exist.
 _LORA_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d)
 

@@ -4,13 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..arch import get_adapter
-from ..data import output_tokenizer
-from ..loading import count_parameters, load_model, parse_dtype
-from ..modeling import PrunedMambaForCausalLM
-from ..outputs import staged_directory
-from ..records import PLAN_FILE, PROVENANCE_FILE, library_versions
-from ..units import Plan, atomic_write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +17,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..arch import get_adapter
+    from ..data import output_tokenizer
+    from ..loading import count_parameters, load_model, parse_dtype
+    from ..modeling import PrunedMambaForCausalLM
+    from ..outputs import staged_directory
+    from ..records import PLAN_FILE, PROVENANCE_FILE, library_versions
+    from ..units import Plan, atomic_write_json
+
     model = load_model(args.model, dtype=parse_dtype(args.dtype))
     adapter = get_adapter(model)
     plan = Plan.load(args.plan, family=adapter.family, num_layers=adapter.num_layers(),

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import valid_sources
+from ..defaults import CALIBRATION_MODES, NORMALIZE_CHOICES, valid_sources
 from ..errors import SearchError
-from ..search.settings import CALIBRATION_MODES, NORMALIZE_CHOICES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..recovery import DEFAULT_DATA, LORA_DEFAULTS, LORA_LEARNING_RATE, REFERENCE_SETTINGS
+from ..defaults import DEFAULT_DATA, LORA_DEFAULTS, LORA_LEARNING_RATE, REFERENCE_SETTINGS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
