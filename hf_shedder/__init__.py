@@ -15,7 +15,6 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError, DataError, PlanError, SearchError, ShedderError, UnsupportedModelError
-
 from .units import Plan, Unit
 
 if TYPE_CHECKING:

@@ -22,8 +22,8 @@ try:
     code = main(json.loads(sys.argv[1]))
 except SystemExit as e:
     code = e.code
-print(json.dumps({"code": code, "heavy": [m for m in %r if m in sys.modules]}))
-""" % (HEAVY,)
+print(json.dumps({"code": code, "heavy": [m for m in HEAVY if m in sys.modules]}))
+""".replace("HEAVY", repr(HEAVY))
 
 
 def _env() -> dict:

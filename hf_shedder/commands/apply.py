@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model: hub name or local directory")
     p.add_argument("--plan", required=True, help="plan JSON (hf_shedder format or a Mamba-Shedder reference file)")
