@@ -135,14 +135,16 @@ class PrunedMambaForCausalLM(PreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory: str | os.PathLike[str], export: str | None = None, **kwargs: Any) -> None:
         """Save the pruned model.
 
-        ``export=None``: hf_shedder checkpoint (needs ``import hf_shedder`` to load).
+        ``export=None`` or ``"hf_shedder"``: hf_shedder checkpoint (needs ``import hf_shedder`` to load).
         ``export="remote_code"``: also writes the loading code + ``auto_map`` so that
         ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without hf_shedder.
         ``export="plain"``: a stock base-architecture checkpoint (block-only plans), loadable with
         plain Transformers.
         """
+        if export == "hf_shedder":  # the CLI's name for the default
+            export = None
         if export not in (None, "remote_code", "plain"):
-            raise ValueError(f"export must be None, 'remote_code' or 'plain', got {export!r}")
+            raise ValueError(f"export must be 'hf_shedder' (or None), 'remote_code' or 'plain', got {export!r}")
         if export == "plain":
             from .export import save_plain
 
@@ -156,7 +158,7 @@ class PrunedMambaForCausalLM(PreTrainedModel, GenerationMixin):
         if export == "remote_code":
             from .export import write_remote_code
 
-            write_remote_code(save_directory)
+            write_remote_code(save_directory, model_type=self.config.base_config.get("model_type"))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
