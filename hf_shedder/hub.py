@@ -125,8 +125,11 @@ def _search_section(search: dict | None, metrics: dict | None = None, versions: 
         "lowest calibration perplexity.\n\n" + _table(["setting", "value"], rows) + made_with
 
 
-def _results_section(evals: dict | None) -> str:
+def _results_section(evals: dict | None, recovered: bool = False) -> str:
+    """Base beside this model; a model that went through recovery tuning is labelled as such (its
+    ``pruned`` entry is the pruned + recovered model)."""
     evals = evals or {}
+    label = "pruned + LoRA" if recovered else "pruned"
     base, pruned = evals.get("base") or {}, evals.get("pruned") or {}
     if not base and not pruned:
         return f"Perplexity and zero-shot accuracy: {NOT_MEASURED}."
@@ -150,7 +153,7 @@ def _results_section(evals: dict | None) -> str:
         rows.append(["average accuracy (%)", _fmt_pct(bt.get("average")), _fmt_pct(pt.get("average"))])
     else:
         rows.append(["zero-shot accuracy", NOT_MEASURED, NOT_MEASURED])
-    text = _table(["metric", "base", "pruned"], rows)
+    text = _table(["metric", "base", label], rows)
     notes = []
     src = pt.get("data_source") or bt.get("data_source")
     if src == "bundled":
@@ -280,7 +283,7 @@ def render_model_card(context: dict[str, Any], template: str | os.PathLike[str] 
         "removed_section": _removed_section(units, searched),
         "params_section": _params_section(pb, pa),
         "search_section": _search_section(c.get("search"), c.get("search_metrics"), c.get("versions")),
-        "results_section": _results_section(c.get("eval")),
+        "results_section": _results_section(c.get("eval"), recovered=bool(c.get("recovery"))),
         "recovery_section": _recovery_section(c.get("recovery")),
         "speed_section": _speed_section(c.get("speed")),
         "load_section": _load_section(repo, bool(c.get("has_remote_code")), c.get("plain_export"),

@@ -23,6 +23,27 @@ def parse_dtype(name: str | None) -> Any:
         raise ValueError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}") from None
 
 
+def compute_dtype(requested: Any, device: Any) -> Any:
+    """The dtype to load a model in for computing on ``device`` when ``--dtype`` is ``requested``.
+
+    Unset means "as stored", except on CPU: there bfloat16/float16 run slower than float32 and round, so
+    the calibration perplexity of ``prune``, ``eval`` and the Python API (float32) would disagree.
+    """
+    if requested is not None or device is None:
+        return requested
+    return torch.float32 if torch.device(device).type == "cpu" else None
+
+
+def stored_dtype(name_or_path: str) -> Any:
+    """The dtype a checkpoint's config says its weights are stored in (None if it does not say)."""
+    from transformers import AutoConfig
+
+    import hf_shedder  # noqa: F401  (registers the Auto classes)
+
+    dtype = getattr(AutoConfig.from_pretrained(name_or_path), "dtype", None)
+    return DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+
+
 def load_model(name_or_path: str, dtype: Any = None, device: str | None = None, **kwargs: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` with hf_shedder registered and readable errors."""
     from transformers import AutoModelForCausalLM

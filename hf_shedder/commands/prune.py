@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "as Mamba-Shedder's prune.py")
     p.add_argument("--out", required=True, help="output directory (journal, plan, trajectory); re-run to resume")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored; float32 on CPU)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("--device-map", default=None, help="e.g. auto: spread a large model over the GPUs (accelerate)")
     p.add_argument("--exact-reference", action="store_true",
@@ -45,12 +45,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _drop_stale_model(folder: Path, plan: object) -> None:
+    """An extracted model from an earlier run must not sit beside a plan it no longer matches."""
+    import shutil
+
+    from ..records import PLAN_FILE
+    from ..units import Plan
+
+    if not folder.is_dir():
+        return
+    try:
+        same = list(Plan.load(folder / PLAN_FILE)) == list(plan)
+    except Exception:  # no or unreadable plan file: nothing says which plan the folder holds
+        same = False
+    if not same:
+        shutil.rmtree(folder)
+        print(f"removed {folder}: it was extracted from an earlier plan, not from this one (add --apply to extract "
+              "this plan)")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import load_calibration, tokenizer_for_model
     from ..distributed import init_from_env, rank_device
-    from ..loading import count_parameters, load_model, parse_dtype
+    from ..loading import compute_dtype, count_parameters, load_model, parse_dtype, stored_dtype
     from ..search import SearchSettings, search
 
     if args.steps < 1:
@@ -68,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     calib = load_calibration(args.calibration, tokenizer, n_samples=args.samples, seqlen=args.seqlen, seed=args.seed,
                              mode=args.calibration_mode)
     kwargs = {"device_map": args.device_map} if args.device_map else {}
-    model = load_model(args.model, dtype=parse_dtype(args.dtype), device=None if args.device_map else device, **kwargs)
+    dtype = parse_dtype(args.dtype) if args.device_map else compute_dtype(parse_dtype(args.dtype), device)
+    model = load_model(args.model, dtype=dtype, device=None if args.device_map else device, **kwargs)
     result = search(model, calib, settings, out_dir=args.out, progress=not args.no_progress, comm=comm)
     if comm.is_main:
         c = result.counters
@@ -80,12 +100,17 @@ def run(args: argparse.Namespace) -> int:
               f"{result.base_params:,} -> {result.trajectory[-1]['params']:,}")
         print(f"work: {c['layer_evals']:,} layer evaluations, {c['head_evals']:,} head evaluations, {c['seconds']:.1f} s")
         print(f"wrote {args.out}/plan.json, trajectory.csv/json/png, journal.json")
+    if not args.apply and comm.is_main:
+        _drop_stale_model(Path(args.out) / "model", result.plan)
     if args.apply and comm.is_main:
         from ..modeling import PrunedMambaForCausalLM
         from ..outputs import staged_directory
         from ..records import PLAN_FILE, search_provenance, write_search_record
 
         before = count_parameters(model)
+        if args.dtype is None and (saved := stored_dtype(args.model)) not in (None, dtype):
+            model.to(saved)  # computed in float32 on CPU; saved as the base model was
+            model.config.dtype = saved
         pruned = PrunedMambaForCausalLM.from_base(model, result.plan, inplace=True)
         after = count_parameters(pruned)
         # provenance for info / card: base model, search settings, calibration ppl, parameter counts, versions

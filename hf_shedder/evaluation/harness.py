@@ -200,6 +200,9 @@ def evaluate_tasks(
     lm_kwargs: dict[str, Any] = {"batch_size": batch_size}
     if max_length is not None:
         lm_kwargs["max_length"] = max_length
+    from hf_shedder.log_filters import install as drop_unactionable_warnings
+
+    drop_unactionable_warnings()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, **lm_kwargs)
     try:
         out = lm_eval.simple_evaluate(
