@@ -215,8 +215,9 @@ def attach_lora(model: nn.Module, lora: Any = None) -> Any:
 # ----------------------------------------------------------------------------- training
 
 
-def default_training_args(output_dir: str, **overrides: Any) -> Any:
-    """``TrainingArguments`` with the reference's recovery settings and the LoRA learning rate."""
+def default_training_args(output_dir: str, full: bool = False, **overrides: Any) -> Any:
+    """``TrainingArguments`` with the reference's recovery settings and the LoRA learning rate (``full``:
+    the reference's full fine-tune learning rate, 5e-5)."""
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
@@ -226,7 +227,7 @@ def default_training_args(output_dir: str, **overrides: Any) -> Any:
         "per_device_train_batch_size": REFERENCE_SETTINGS["per_device_train_batch_size"],
         "per_device_eval_batch_size": REFERENCE_SETTINGS["per_device_train_batch_size"],
         "gradient_accumulation_steps": REFERENCE_SETTINGS["gradient_accumulation_steps"],
-        "learning_rate": LORA_LEARNING_RATE,
+        "learning_rate": REFERENCE_SETTINGS["full_ft_learning_rate"] if full else LORA_LEARNING_RATE,
         "warmup_steps": REFERENCE_SETTINGS["warmup_steps"],
         "lr_scheduler_type": "linear",
         "optim": "adamw_torch",
@@ -284,7 +285,17 @@ def run_identity(
     from .search.settings import model_identity
 
     model_id = model_identity(model)
-    targets = lora.target_modules
+    if lora is None:  # full fine-tune: every weight trains
+        lora_fields: dict[str, Any] = {"method": "full"}
+    else:
+        targets = lora.target_modules
+        lora_fields = {
+            "lora_r": lora.r,
+            "lora_alpha": lora.lora_alpha,
+            "lora_dropout": lora.lora_dropout,
+            "lora_bias": lora.bias,
+            "target_modules": targets if isinstance(targets, str) else sorted(targets or []),
+        }
     return {
         "model.architecture_sha": model_id["architecture_sha"],
         "model.weights_checksum": model_id["weights_checksum"],
@@ -293,11 +304,7 @@ def run_identity(
         "max_length": max_length,
         "train_on_inputs": train_on_inputs,
         "val_size": val_size,
-        "lora_r": lora.r,
-        "lora_alpha": lora.lora_alpha,
-        "lora_dropout": lora.lora_dropout,
-        "lora_bias": lora.bias,
-        "target_modules": targets if isinstance(targets, str) else sorted(targets or []),
+        **lora_fields,
         "learning_rate": args.learning_rate,
         "lr_scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
         "warmup_steps": args.warmup_steps,
@@ -422,7 +429,8 @@ def merge_and_save(
     """
     from .modeling import PrunedMambaForCausalLM
 
-    model = peft_model.merge_and_unload()
+    # a LoRA run merges its adapters; a full fine-tune trained the weights themselves
+    model = peft_model.merge_and_unload() if hasattr(peft_model, "merge_and_unload") else peft_model
     if settings is not None:
         settings = _jsonable({k: v for k, v in settings.items() if v is not None})
     if getattr(model.config, "use_cache", None) is False:
@@ -452,6 +460,16 @@ def merge_and_save(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return model
+
+
+LORA_METHOD = "LoRA (PEFT), merged"
+FULL_METHOD = "full fine-tune"
+
+
+def _lora_settings(cfg: Any) -> dict[str, Any]:
+    targets = cfg.target_modules
+    return {"lora_r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+            "target_modules": sorted(targets) if not isinstance(targets, str) else targets}
 
 
 def _jsonable(x: Any) -> Any:
@@ -495,6 +513,7 @@ def recover(
     export: str | None = "remote_code",
     source_dir: str | None = None,
     eval_before: bool = True,
+    full: bool = False,
 ) -> RecoveryResult:
     """LoRA recovery tuning of ``model`` (pruned or any supported family), merged and saved to ``output_dir``.
 
@@ -509,7 +528,12 @@ def recover(
     Checkpoints are resumed only when ``<checkpoints>/recovery_run.json`` shows they were trained with the
     same model, data, LoRA and optimisation settings; otherwise RecoveryError asks for ``overwrite``, which
     deletes them. Every check runs before anything is written.
+
+    ``full=True``: a full fine-tune instead (every weight trains, no LoRA; the reference's recovery for
+    Mamba and Mamba-2, with lr 5e-5: see :func:`default_training_args`), resumable the same way.
     """
+    if full and lora is not None:
+        raise RecoveryError("a full fine-tune takes no LoRA config: pass either full=True or lora, not both")
     if os.path.isfile(os.path.join(output_dir, "config.json")) and not overwrite:
         raise RecoveryError(f"{output_dir} already holds a saved model; pass overwrite=True (--overwrite) to replace it")
     if overwrite and resume:
@@ -522,13 +546,17 @@ def recover(
     train_ds, val_ds, data_info = prepare_datasets(
         data, tokenizer, max_length=max_length, val_size=val_size, train_on_inputs=train_on_inputs, seed=args.seed
     )
-    lora = lora if lora is not None else default_lora_config(model)
+    lora = None if full else (lora if lora is not None else default_lora_config(model))
     identity = run_identity(model, lora, args, _dataset_fingerprint(train_ds, val_ds), max_length, train_on_inputs,
                             val_size)  # before LoRA adds parameters to the model
     checkpoint = _choose_checkpoint(ckpt_dir, resume, overwrite, identity)
     # Seed before LoRA's random init (Trainer seeds only later), so identical runs give identical models.
     transformers.set_seed(args.seed)
-    peft_model = attach_lora(model, lora)
+    if full:
+        model.requires_grad_(True)
+        peft_model = model
+    else:
+        peft_model = attach_lora(model, lora)
 
     # every check has passed: from here on files are written
     existed = {ckpt_dir: os.path.isdir(ckpt_dir), output_dir: os.path.isdir(output_dir)}
@@ -557,20 +585,15 @@ def recover(
     if mean_loss is None and checkpoint is None:  # nothing logged: Trainer's mean is right for a fresh run
         mean_loss, mean_steps = float(train_out.training_loss), trainer.state.global_step
 
-    lora_cfg = peft_model.peft_config["default"]
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     eff_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
     settings: dict[str, Any] = {
-        "method": "LoRA (PEFT), merged",
+        "method": FULL_METHOD if full else LORA_METHOD,
         **data_info,
         "prompt_template": "Alpaca",
         "max_length": max_length,
         "loss_on": "prompt + response" if train_on_inputs else "response tokens only",
-        "lora_r": lora_cfg.r,
-        "lora_alpha": lora_cfg.lora_alpha,
-        "lora_dropout": lora_cfg.lora_dropout,
-        "target_modules": sorted(lora_cfg.target_modules) if not isinstance(lora_cfg.target_modules, str)
-        else lora_cfg.target_modules,
+        **({} if full else _lora_settings(peft_model.peft_config["default"])),
         "trainable_params": trainable,
         "epochs": args.num_train_epochs,
         "max_steps": args.max_steps,

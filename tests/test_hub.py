@@ -201,3 +201,5 @@ def test_card_of_a_recovered_model_labels_its_numbers_pruned_plus_lora() -> None
     rec = render_model_card({"eval": evals, "recovery": {"method": "LoRA", "r": 8}})
     assert "| metric | base | pruned |" in plain and "pruned + LoRA" not in plain
     assert "| metric | base | pruned + LoRA |" in rec and "| metric | base | pruned |" not in rec
+    full = render_model_card({"eval": evals, "recovery": {"method": "full fine-tune"}})
+    assert "| metric | base | pruned + fine-tune |" in full and "Full fine-tune" in full and "LoRA" not in full
