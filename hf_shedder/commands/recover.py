@@ -48,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..commands.eval import _tokenizer
-    from ..loading import load_model, parse_dtype
     from ..errors import RecoveryError
+    from ..loading import load_model, parse_dtype
     from ..recovery import default_lora_config, default_training_args, recover
 
     model = load_model(args.model_dir, dtype=parse_dtype(args.dtype))
