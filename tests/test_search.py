@@ -426,3 +426,14 @@ def test_cli_and_python_api_agree_on_the_calibration_perplexity_of_a_bf16_checkp
     assert cli_ppl == (f"{api.base_ppl:.4g}", f"{api.trajectory[-1]['ppl']:.4g}")
     # the extracted model is saved in the checkpoint's own dtype
     assert json.loads((tmp_path / "s" / "model" / "config.json").read_text())["base_config"]["dtype"] == "bfloat16"
+
+
+def test_progress_in_a_log_has_no_cursor_codes_and_one_line_per_step(tmp_path, capsys):
+    """Nested tqdm bars write cursor-up codes (ESC [A) that litter a log; in a log each step's bar is one line."""
+    search(build_tiny("mamba2", num_layers=3), _calib(), _settings(steps=2), out_dir=tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "\x1b[A" not in err
+    assert "step 1 candidates x batches" in err and "step 2 candidates x batches" in err
+    assert "search steps" not in err
+    search(build_tiny("mamba2", num_layers=3), _calib(), _settings(steps=2), out_dir=tmp_path, progress=False)
+    assert capsys.readouterr().out.count("resuming the search in") == 1
