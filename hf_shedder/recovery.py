@@ -541,7 +541,7 @@ def recover(
     require_special_tokens(tokenizer, "recovery tuning (padding batches, ending each example with eos)")
     tokenizer.padding_side = "right"
     args = training_args if training_args is not None else default_training_args(
-        os.path.join(output_dir, CHECKPOINT_SUBDIR))
+        os.path.join(output_dir, CHECKPOINT_SUBDIR), full=full)
     ckpt_dir = args.output_dir
     train_ds, val_ds, data_info = prepare_datasets(
         data, tokenizer, max_length=max_length, val_size=val_size, train_on_inputs=train_on_inputs, seed=args.seed
