@@ -4,6 +4,10 @@ Only these exact messages go; every other record of those loggers (and all other
 
 * lm-eval warns "Custom kwargs can be passed to `--metadata`" once per task whose data comes from a
   Python callable: that is how hf_shedder's bundled offline task configs load their data.
+* lm-eval's HFLM warns twice per evaluation that it was handed a model object, not a name
+  ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model"): hf_shedder
+  always passes the loaded model. (Its third, "HF model type is neither marked as CausalLM", is avoided
+  at the source: the harness passes ``backend="causal"``.)
 * Transformers warns that ``mamba_ssm`` / ``causal_conv1d`` are not installed and the reference PyTorch
   path is used: those kernels are CUDA-only, so on a machine without CUDA there is nothing to install.
 """
@@ -13,6 +17,9 @@ from __future__ import annotations
 import logging
 
 _LM_EVAL_TASK_LOGGER = "lm_eval.api.task"
+_LM_EVAL_HF_LOGGER = "lm_eval.models.huggingface"
+_LM_EVAL_MODEL_OBJECT = ("`pretrained` model kwarg is not of type `str`",
+                         "Passed an already-initialized model through `pretrained`")
 _KERNELS_LOGGER = "transformers.integrations.hub_kernels"
 _CUDA_ONLY_KERNELS = ("`mamba_ssm`", "`causal_conv1d`")
 
@@ -49,4 +56,5 @@ def _install(logger_name: str, new: _DropMessages) -> None:
 def install() -> None:
     """Add the filters (idempotent)."""
     _install(_LM_EVAL_TASK_LOGGER, _DropMessages(("Custom kwargs can be passed to `--metadata`",)))
+    _install(_LM_EVAL_HF_LOGGER, _DropMessages(_LM_EVAL_MODEL_OBJECT))
     _install(_KERNELS_LOGGER, _kernel_fallback_filter())

@@ -23,6 +23,10 @@ def test_lm_eval_metadata_hint_is_dropped_other_warnings_are_kept(caplog):
     hint = "arc_easy: Custom kwargs can be passed to `--metadata` in console (as json string) or to the TaskManager."
     assert not _emitted("lm_eval.api.task", hint, caplog)
     assert _emitted("lm_eval.api.task", "arc_easy: something else went wrong", caplog)
+    for msg in ("`pretrained` model kwarg is not of type `str`. Many other model arguments may be ignored.",
+                "Passed an already-initialized model through `pretrained`, assuming single-process call"):
+        assert not _emitted("lm_eval.models.huggingface", msg, caplog)
+    assert _emitted("lm_eval.models.huggingface", "Failed to get model SHA for x", caplog)
 
 
 def test_kernel_fallback_warning_dropped_only_without_cuda(caplog, monkeypatch):
