@@ -47,7 +47,8 @@ def evaluate_model(path: str, args: argparse.Namespace) -> dict[str, Any]:
     from ..loading import compute_dtype, count_parameters, load_model, parse_dtype
 
     if args.device_map:
-        model = load_model(path, dtype=parse_dtype(args.dtype), device_map=args.device_map)
+        mapped_to = "cuda" if torch.cuda.is_available() else "cpu"  # where --device-map puts it
+        model = load_model(path, dtype=compute_dtype(parse_dtype(args.dtype), mapped_to), device_map=args.device_map)
         device = ",".join(sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})) or "cpu"
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

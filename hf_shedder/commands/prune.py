@@ -87,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     calib = load_calibration(args.calibration, tokenizer, n_samples=args.samples, seqlen=args.seqlen, seed=args.seed,
                              mode=args.calibration_mode)
     kwargs = {"device_map": args.device_map} if args.device_map else {}
-    dtype = parse_dtype(args.dtype) if args.device_map else compute_dtype(parse_dtype(args.dtype), device)
+    # with --device-map the model lands on the GPUs when there are any, else on the CPU
+    dtype = compute_dtype(parse_dtype(args.dtype), device if not args.device_map
+                          else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(args.model, dtype=dtype, device=None if args.device_map else device, **kwargs)
     result = search(model, calib, settings, out_dir=args.out, progress=not args.no_progress, comm=comm)
     if comm.is_main:
