@@ -19,35 +19,14 @@ from typing import Any
 
 import torch
 
+from hf_shedder.defaults import BUNDLED, HUB_DATASETS, LOCAL_SUFFIXES, valid_sources  # noqa: F401
 from hf_shedder.errors import DataError
 
 EOS = "<|endoftext|>"
 NEOX_VOCAB_SLACK = 128  # vocab sizes this close to the bundled tokenizer's are GPT-NeoX padded
 HUB_TOKENIZER_HINT = "the bundled GPT-NeoX tokenizer (leave --tokenizer unset) or a local tokenizer folder"
 
-# Hub datasets as the Mamba-Shedder reference loads them (utils.get_dataset), with the split it
-# calibrates/evaluates on. The reference reads the "test" split for both; c4 has no test split.
-HUB_DATASETS: dict[str, dict[str, Any]] = {
-    "alpaca": {"path": "tatsu-lab/alpaca", "name": None, "split": "test", "column": "text"},
-    "wikitext2": {"path": "Salesforce/wikitext", "name": "wikitext-2-raw-v1", "split": "test", "column": "text"},
-    "ptb": {"path": "ptb_text_only", "name": "penn_treebank", "split": "test", "column": "sentence"},
-    "c4": {
-        "path": "allenai/c4",
-        "name": None,
-        "data_files": {
-            "train": "en/c4-train.00000-of-01024.json.gz",
-            "validation": "en/c4-validation.00000-of-00008.json.gz",
-        },
-        "split": "validation",
-        "column": "text",
-    },
-}
-BUNDLED = {"bundled": "calibration.txt", "bundled-validation": "validation.txt"}
-LOCAL_SUFFIXES = (".txt", ".json", ".jsonl")
-
-
-def valid_sources() -> list[str]:
-    return [*HUB_DATASETS, *BUNDLED]
+# The source names (and the hub datasets behind them) live in defaults.py, which --help reads without torch.
 
 
 def _asset(*parts: str) -> str:

@@ -125,8 +125,15 @@ def _search_section(search: dict | None, metrics: dict | None = None, versions: 
         "lowest calibration perplexity.\n\n" + _table(["setting", "value"], rows) + made_with
 
 
-def _results_section(evals: dict | None) -> str:
+def _is_full_fine_tune(recovery: dict) -> bool:
+    return str(recovery.get("method", "")).startswith("full")
+
+
+def _results_section(evals: dict | None, recovery: dict | None = None) -> str:
+    """Base beside this model; a model that went through recovery tuning is labelled as such (its
+    ``pruned`` entry is the pruned + recovered model)."""
     evals = evals or {}
+    label = "pruned" if not recovery else ("pruned + fine-tune" if _is_full_fine_tune(recovery) else "pruned + LoRA")
     base, pruned = evals.get("base") or {}, evals.get("pruned") or {}
     if not base and not pruned:
         return f"Perplexity and zero-shot accuracy: {NOT_MEASURED}."
@@ -150,7 +157,7 @@ def _results_section(evals: dict | None) -> str:
         rows.append(["average accuracy (%)", _fmt_pct(bt.get("average")), _fmt_pct(pt.get("average"))])
     else:
         rows.append(["zero-shot accuracy", NOT_MEASURED, NOT_MEASURED])
-    text = _table(["metric", "base", "pruned"], rows)
+    text = _table(["metric", "base", label], rows)
     notes = []
     src = pt.get("data_source") or bt.get("data_source")
     if src == "bundled":
@@ -172,7 +179,9 @@ def _recovery_section(recovery: dict | None) -> str:
         return "No recovery tuning was run: the weights are the base model's, minus the removed units."
     rows = [[k, ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)]
             for k, v in recovery.items() if not isinstance(v, dict)]
-    return "LoRA recovery tuning (PEFT + Transformers `Trainer`), merged into the weights.\n\n" + _table(
+    what = ("Full fine-tune (every weight, Transformers `Trainer`) for recovery." if _is_full_fine_tune(recovery)
+            else "LoRA recovery tuning (PEFT + Transformers `Trainer`), merged into the weights.")
+    return what + "\n\n" + _table(
         ["setting", "value"], rows
     )
 
@@ -300,7 +309,7 @@ def render_model_card(context: dict[str, Any], template: str | os.PathLike[str] 
         "removed_section": _removed_section(units, searched),
         "params_section": _params_section(pb, pa),
         "search_section": _search_section(c.get("search"), c.get("search_metrics"), c.get("versions")),
-        "results_section": _results_section(c.get("eval")),
+        "results_section": _results_section(c.get("eval"), c.get("recovery")),
         "recovery_section": _recovery_section(c.get("recovery")),
         "speed_section": _speed_section(c.get("speed")),
         "load_section": _load_section(repo, bool(c.get("has_remote_code")), c.get("plain_export"),

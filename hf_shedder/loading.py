@@ -31,6 +31,23 @@ def parse_dtype(name: str | None) -> Any:
 TRANSFORMERS = "transformers"
 
 
+def compute_dtype(requested: Any, device: Any) -> Any:
+    """The dtype to load a model in for computing on ``device`` when ``--dtype`` is ``requested``.
+
+    Unset means "as stored", except on CPU: there bfloat16/float16 run slower than float32 and round, so
+    the calibration perplexity of ``prune``, ``eval`` and the Python API (float32) would disagree.
+    """
+    if requested is not None or device is None:
+        return requested
+    return torch.float32 if torch.device(device).type == "cpu" else None
+
+
+def stored_dtype(name_or_path: str) -> Any:
+    """The dtype a checkpoint's config says its weights are stored in (None if it does not say)."""
+    dtype = getattr(load_config(name_or_path), "dtype", None)
+    return DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+
+
 def _check_location(name_or_path: str) -> None:
     if os.path.isdir(name_or_path):
         check_checkpoint_dir(name_or_path)

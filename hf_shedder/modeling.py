@@ -138,7 +138,7 @@ class PrunedMambaForCausalLM(PreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory: str | os.PathLike[str], export: str | None = None, **kwargs: Any) -> None:
         """Save the pruned model.
 
-        ``export=None``: hf_shedder checkpoint (needs ``import hf_shedder`` to load).
+        ``export=None`` or ``"hf_shedder"``: hf_shedder checkpoint (needs ``import hf_shedder`` to load).
         ``export="remote_code"``: also writes the loading code + ``auto_map`` so that
         ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without hf_shedder.
         ``export="plain"``: a stock base-architecture checkpoint (block-only plans), loadable with
@@ -146,8 +146,11 @@ class PrunedMambaForCausalLM(PreTrainedModel, GenerationMixin):
         ``export="mamba_ssm"``: a mamba-ssm checkpoint (Mamba / Mamba-2, block-only plans) that stock
         ``MambaLMHeadModel.from_pretrained`` loads.
         """
+        if export == "hf_shedder":  # the CLI's name for the default
+            export = None
         if export not in EXPORTS:
-            raise ValueError(f"export must be one of {EXPORTS}, got {export!r}")
+            raise ValueError(f"export must be 'hf_shedder' (or None), 'remote_code', 'plain' or 'mamba_ssm', "
+                             f"got {export!r}")
         if export == "mamba_ssm":
             from .mamba_ssm_format import save_mamba_ssm
 
@@ -166,7 +169,7 @@ class PrunedMambaForCausalLM(PreTrainedModel, GenerationMixin):
         if export == "remote_code":
             from .export import write_remote_code
 
-            write_remote_code(save_directory)
+            write_remote_code(save_directory, model_type=self.config.base_config.get("model_type"))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:

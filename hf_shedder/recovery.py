@@ -33,10 +33,10 @@ from torch import nn
 
 from .arch import get_adapter
 from .data import read_json_rows, render_alpaca, require_special_tokens
+from .defaults import DEFAULT_DATA, LORA_DEFAULTS, LORA_LEARNING_RATE, REFERENCE_SETTINGS  # noqa: F401
 from .errors import DataError, RecoveryError
 from .records import PLAN_FILE
 
-DEFAULT_DATA = "yahma/alpaca-cleaned"
 BUNDLED_DATA = "bundled"
 CHECKPOINT_SUBDIR = "checkpoints"
 RUN_FILE = "recovery_run.json"  # beside the Trainer checkpoints: the settings they were trained with
@@ -45,19 +45,6 @@ RECOVERY_FILE = "recovery.json"  # read by hf_shedder.hub for the model card
 # Results of earlier stages that stay true after recovery; copied so the card of OUT can show them.
 CARRIED_FILES = ("shedder_search.json", "trajectory.png", "trajectory.csv", "trajectory.json", "pruning_config.json")
 
-# The reference's recovery settings (Mamba-Shedder README + recovery scripts).
-REFERENCE_SETTINGS: dict[str, Any] = {
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 32,
-    "gradient_accumulation_steps": 1,
-    "full_ft_learning_rate": 5e-5,
-    "warmup_steps": 100,
-    "max_length": 256,
-    "val_size": 2000,
-    "seed": 42,
-}
-LORA_LEARNING_RATE = 3e-4
-LORA_DEFAULTS: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "bias": "none"}
 # Module types PEFT's LoRA can wrap; listed when a requested target does not exist.
 _LORA_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d)
 
@@ -228,8 +215,9 @@ def attach_lora(model: nn.Module, lora: Any = None) -> Any:
 # ----------------------------------------------------------------------------- training
 
 
-def default_training_args(output_dir: str, **overrides: Any) -> Any:
-    """``TrainingArguments`` with the reference's recovery settings and the LoRA learning rate."""
+def default_training_args(output_dir: str, full: bool = False, **overrides: Any) -> Any:
+    """``TrainingArguments`` with the reference's recovery settings and the LoRA learning rate (``full``:
+    the reference's full fine-tune learning rate, 5e-5)."""
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
@@ -239,7 +227,7 @@ def default_training_args(output_dir: str, **overrides: Any) -> Any:
         "per_device_train_batch_size": REFERENCE_SETTINGS["per_device_train_batch_size"],
         "per_device_eval_batch_size": REFERENCE_SETTINGS["per_device_train_batch_size"],
         "gradient_accumulation_steps": REFERENCE_SETTINGS["gradient_accumulation_steps"],
-        "learning_rate": LORA_LEARNING_RATE,
+        "learning_rate": REFERENCE_SETTINGS["full_ft_learning_rate"] if full else LORA_LEARNING_RATE,
         "warmup_steps": REFERENCE_SETTINGS["warmup_steps"],
         "lr_scheduler_type": "linear",
         "optim": "adamw_torch",
@@ -297,7 +285,17 @@ def run_identity(
     from .search.settings import model_identity
 
     model_id = model_identity(model)
-    targets = lora.target_modules
+    if lora is None:  # full fine-tune: every weight trains
+        lora_fields: dict[str, Any] = {"method": "full"}
+    else:
+        targets = lora.target_modules
+        lora_fields = {
+            "lora_r": lora.r,
+            "lora_alpha": lora.lora_alpha,
+            "lora_dropout": lora.lora_dropout,
+            "lora_bias": lora.bias,
+            "target_modules": targets if isinstance(targets, str) else sorted(targets or []),
+        }
     return {
         "model.architecture_sha": model_id["architecture_sha"],
         "model.weights_checksum": model_id["weights_checksum"],
@@ -306,11 +304,7 @@ def run_identity(
         "max_length": max_length,
         "train_on_inputs": train_on_inputs,
         "val_size": val_size,
-        "lora_r": lora.r,
-        "lora_alpha": lora.lora_alpha,
-        "lora_dropout": lora.lora_dropout,
-        "lora_bias": lora.bias,
-        "target_modules": targets if isinstance(targets, str) else sorted(targets or []),
+        **lora_fields,
         "learning_rate": args.learning_rate,
         "lr_scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
         "warmup_steps": args.warmup_steps,
@@ -435,7 +429,8 @@ def merge_and_save(
     """
     from .modeling import PrunedMambaForCausalLM
 
-    model = peft_model.merge_and_unload()
+    # a LoRA run merges its adapters; a full fine-tune trained the weights themselves
+    model = peft_model.merge_and_unload() if hasattr(peft_model, "merge_and_unload") else peft_model
     if settings is not None:
         settings = _jsonable({k: v for k, v in settings.items() if v is not None})
     if getattr(model.config, "use_cache", None) is False:
@@ -465,6 +460,16 @@ def merge_and_save(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return model
+
+
+LORA_METHOD = "LoRA (PEFT), merged"
+FULL_METHOD = "full fine-tune"
+
+
+def _lora_settings(cfg: Any) -> dict[str, Any]:
+    targets = cfg.target_modules
+    return {"lora_r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+            "target_modules": sorted(targets) if not isinstance(targets, str) else targets}
 
 
 def _jsonable(x: Any) -> Any:
@@ -509,6 +514,7 @@ def recover(
     source_dir: str | None = None,
     eval_before: bool = True,
     tokenizer_name: str | None = None,
+    full: bool = False,
 ) -> RecoveryResult:
     """LoRA recovery tuning of ``model`` (pruned or any supported family), merged and saved to ``output_dir``.
 
@@ -523,7 +529,12 @@ def recover(
     Checkpoints are resumed only when ``<checkpoints>/recovery_run.json`` shows they were trained with the
     same model, data, LoRA and optimisation settings; otherwise RecoveryError asks for ``overwrite``, which
     deletes them. Every check runs before anything is written.
+
+    ``full=True``: a full fine-tune instead (every weight trains, no LoRA; the reference's recovery for
+    Mamba and Mamba-2, with lr 5e-5: see :func:`default_training_args`), resumable the same way.
     """
+    if full and lora is not None:
+        raise RecoveryError("a full fine-tune takes no LoRA config: pass either full=True or lora, not both")
     if os.path.isfile(os.path.join(output_dir, "config.json")) and not overwrite:
         raise RecoveryError(f"{output_dir} already holds a saved model; pass overwrite=True (--overwrite) to replace it")
     if overwrite and resume:
@@ -531,18 +542,22 @@ def recover(
     require_special_tokens(tokenizer, "recovery tuning (padding batches, ending each example with eos)")
     tokenizer.padding_side = "right"
     args = training_args if training_args is not None else default_training_args(
-        os.path.join(output_dir, CHECKPOINT_SUBDIR))
+        os.path.join(output_dir, CHECKPOINT_SUBDIR), full=full)
     ckpt_dir = args.output_dir
     train_ds, val_ds, data_info = prepare_datasets(
         data, tokenizer, max_length=max_length, val_size=val_size, train_on_inputs=train_on_inputs, seed=args.seed
     )
-    lora = lora if lora is not None else default_lora_config(model)
+    lora = None if full else (lora if lora is not None else default_lora_config(model))
     identity = run_identity(model, lora, args, _dataset_fingerprint(train_ds, val_ds), max_length, train_on_inputs,
                             val_size)  # before LoRA adds parameters to the model
     checkpoint = _choose_checkpoint(ckpt_dir, resume, overwrite, identity)
     # Seed before LoRA's random init (Trainer seeds only later), so identical runs give identical models.
     transformers.set_seed(args.seed)
-    peft_model = attach_lora(model, lora)
+    if full:
+        model.requires_grad_(True)
+        peft_model = model
+    else:
+        peft_model = attach_lora(model, lora)
 
     # every check has passed: from here on files are written
     existed = {ckpt_dir: os.path.isdir(ckpt_dir), output_dir: os.path.isdir(output_dir)}
@@ -571,21 +586,16 @@ def recover(
     if mean_loss is None and checkpoint is None:  # nothing logged: Trainer's mean is right for a fresh run
         mean_loss, mean_steps = float(train_out.training_loss), trainer.state.global_step
 
-    lora_cfg = peft_model.peft_config["default"]
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     eff_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
     settings: dict[str, Any] = {
-        "method": "LoRA (PEFT), merged",
+        "method": FULL_METHOD if full else LORA_METHOD,
         **data_info,
         "prompt_template": "Alpaca",
         "tokenizer": tokenizer_name,
         "max_length": max_length,
         "loss_on": "prompt + response" if train_on_inputs else "response tokens only",
-        "lora_r": lora_cfg.r,
-        "lora_alpha": lora_cfg.lora_alpha,
-        "lora_dropout": lora_cfg.lora_dropout,
-        "target_modules": sorted(lora_cfg.target_modules) if not isinstance(lora_cfg.target_modules, str)
-        else lora_cfg.target_modules,
+        **({} if full else _lora_settings(peft_model.peft_config["default"])),
         "trainable_params": trainable,
         "epochs": args.num_train_epochs,
         "max_steps": args.max_steps,

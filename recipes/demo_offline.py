@@ -116,9 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     from hf_shedder.evaluation.harness import save_eval_results
     from hf_shedder.hub import SEARCH_FILE, write_model_card
     from hf_shedder.loading import count_parameters
+    from hf_shedder.log_filters import install as drop_unactionable_warnings
     from hf_shedder.recovery import default_training_args, recover
     from hf_shedder.search import SearchSettings, search
 
+    drop_unactionable_warnings()
     banner("1/5 model")
     base, base_name, is_random = load_base(args.model)
     tok = load_tokenizer()

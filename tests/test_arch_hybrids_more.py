@@ -211,10 +211,11 @@ def test_search_candidates_are_valid_and_cover_every_kind(family):
 
 @pytest.mark.parametrize("family", ["falcon_h1", "jamba"])
 def test_remote_code_export_loads_without_hf_shedder(tmp_path, family):
-    from tests.test_save_load import _run_without_hf_shedder
+    from tests.test_save_load import _run_without_hf_shedder, assert_only_own_family_code
 
     pruned = prune(build_tiny_hybrid(family), Plan(PLANS[family]["mixed"]))
     x = _x()
     pruned.save_pretrained(tmp_path / "m", export="remote_code")
+    assert_only_own_family_code(tmp_path / "m", family)
     name, diff = _run_without_hf_shedder(tmp_path / "m", x, pruned(x).logits, remote=True)
     assert name == "PrunedMambaForCausalLM" and diff <= ATOL

@@ -164,3 +164,17 @@ def test_layerwise_candidates_read_the_plans_reused_keys_values():
             got = adapter.lm_head()(adapter.final_norm(h))
             torch.testing.assert_close(got, model(x, use_cache=False).logits, atol=ATOL, rtol=0)
         adapter.clear_mask()
+
+
+def test_remote_code_export_carries_the_hymba_model_and_no_other_family(tmp_path):
+    from tests.test_save_load import _run_without_hf_shedder, _x, assert_only_own_family_code
+
+    model = build()
+    adapter = get_adapter(model)
+    pruned = prune(model, Plan(PLANS["mixed"], adapter.family, adapter.num_layers()))
+    pruned.save_pretrained(tmp_path / "m", export="remote_code")
+    assert_only_own_family_code(tmp_path / "m", "hymba")
+    assert (tmp_path / "m" / "hf_shedder_models_hymba_modeling_hymba.py").is_file()
+    x = _x() % VOCAB
+    name, diff = _run_without_hf_shedder(tmp_path / "m", x, pruned(x, use_cache=False).logits, remote=True)
+    assert name == "PrunedMambaForCausalLM" and diff <= ATOL

@@ -192,3 +192,14 @@ def test_loaded_pruned_model_matches_saved_plan(pruned_dir: Path) -> None:
     assert [u.to_dict() for u in model.plan] == search["units"]
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
+
+
+def test_card_of_a_recovered_model_labels_its_numbers_pruned_plus_lora() -> None:
+    evals = {"base": {"perplexity": {"ppl": 10.0, "source": "bundled"}},
+             "pruned": {"perplexity": {"ppl": 12.5, "source": "bundled"}}}
+    plain = render_model_card({"eval": evals})
+    rec = render_model_card({"eval": evals, "recovery": {"method": "LoRA", "r": 8}})
+    assert "| metric | base | pruned |" in plain and "pruned + LoRA" not in plain
+    assert "| metric | base | pruned + LoRA |" in rec and "| metric | base | pruned |" not in rec
+    full = render_model_card({"eval": evals, "recovery": {"method": "full fine-tune"}})
+    assert "| metric | base | pruned + fine-tune |" in full and "Full fine-tune" in full and "LoRA" not in full

@@ -97,3 +97,54 @@ def test_no_targets_is_an_error() -> None:
     acc.add(torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
     with pytest.raises(DataError, match="no targets"):
         acc.perplexity()
+
+
+def _full_logit_ppl(model: torch.nn.Module, calib: CalibrationSet, batch_size: int) -> float:
+    """The perplexity from the model's full [B, L, V] logits (what evaluate_perplexity computed before)."""
+    acc = NLLAccumulator()
+    with torch.no_grad():
+        for batch in calib.batches(batch_size, torch.device("cpu")):
+            logits = model(**batch, use_cache=False).logits
+            acc.add(*token_nll(logits, batch["input_ids"], batch["attention_mask"]))
+    return acc.perplexity()
+
+
+def _tiny(family: str) -> torch.nn.Module:
+    if family in ("mamba", "mamba2"):
+        return build_tiny(family, num_layers=2)
+    if family == "zamba2":
+        from tests.tiny_hybrids import build_tiny_hybrid
+    else:
+        from tests.tiny_hybrids_more import build_tiny_hybrid
+    return build_tiny_hybrid(family).eval()
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "zamba2", "falcon_h1", "granitemoehybrid"])
+def test_chunked_head_gives_the_full_logit_numbers_and_never_projects_a_whole_window(family: str) -> None:
+    """The LM head runs on at most DEFAULT_CHUNK positions at a time (no [B, L, V] logits: that was 7.5 GB
+    at seqlen 2048 on CPU), and the perplexity is the one from the full logits. Falcon-H1 and
+    GraniteMoeHybrid scale their logits after the head (the adapter's scale_logits repeats it)."""
+    from hf_shedder.evaluation.perplexity import DEFAULT_CHUNK
+
+    model = _tiny(family)
+    calib = random_calib(n=3, seqlen=DEFAULT_CHUNK + 40, vocab=model.config.vocab_size, seed=5)
+    expected = _full_logit_ppl(model, calib, batch_size=2)
+    widths: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: widths.append(i[0].shape[1]))
+    try:
+        res = evaluate_perplexity(model, calib, batch_size=2, progress=False)
+    finally:
+        hook.remove()
+    assert widths and max(widths) <= DEFAULT_CHUNK, widths
+    assert res.ppl == pytest.approx(expected, rel=1e-12)
+
+
+def test_chunked_head_on_a_pruned_model() -> None:
+    import hf_shedder
+    from hf_shedder import Plan, Unit
+
+    pruned = hf_shedder.prune(build_tiny("mamba2", num_layers=3), Plan([Unit("ssm", 1), Unit("block", 2)]))
+    calib = random_calib(n=2, seqlen=40, seed=2)
+    res = evaluate_perplexity(pruned, calib, batch_size=2, progress=False)
+    assert res.ppl == pytest.approx(_full_logit_ppl(pruned, calib, batch_size=2), rel=1e-12)
+    assert pruned.get_output_embeddings() is pruned.model.lm_head  # the head is put back

@@ -314,3 +314,74 @@ def test_recovery_of_a_pruned_hybrid(tmp_path, family) -> None:  # noqa: ANN001
         merged, reloaded = result.model(input_ids=probe).logits, loaded(input_ids=probe).logits
     assert (merged - before).abs().max() > 100 * LOGIT_ATOL  # the adapters were trained and merged
     torch.testing.assert_close(reloaded, merged, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_full_fine_tune_trains_every_weight_and_resumes(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """``full=True``: no LoRA, all weights move (not only in_proj), the loss goes down, the settings say so,
+    and a crashed run resumes from its checkpoint to the same weights as a straight run."""
+    tok = word_tokenizer()
+    start = pruned_tiny()
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    straight = recover(start, tok, "bundled", str(tmp_path / "a"), max_length=MAXLEN, full=True,
+                       training_args=args_for(str(tmp_path / "a"), 4, save_steps=2, learning_rate=1e-3))
+    s = straight.settings
+    assert s["method"] == "full fine-tune" and "lora_r" not in s
+    assert s["trainable_params"] == sum(p.numel() for p in straight.model.parameters())
+    moved = {k.split(".")[-2] for k, v in straight.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert {"in_proj", "out_proj", "conv1d"} <= moved, moved
+    assert straight.last_loss < straight.first_loss
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert isinstance(loaded, PrunedMambaForCausalLM) and loaded.config.provenance["recovery"]["method"] == "full fine-tune"
+
+    out = str(tmp_path / "b")
+    _crashing_at(monkeypatch, 3)
+    with pytest.raises(_Crash):
+        recover(pruned_tiny(), tok, "bundled", out, max_length=MAXLEN, full=True,
+                training_args=args_for(out, 4, save_steps=2, learning_rate=1e-3))
+    resumed = recover(pruned_tiny(), tok, "bundled", out, max_length=MAXLEN, full=True,
+                      training_args=args_for(out, 4, save_steps=2, learning_rate=1e-3))
+    assert resumed.resumed_from.endswith("checkpoint-2") and resumed.settings["steps"] == 4
+    for k, v in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, atol=1e-5, rtol=1e-4, msg=k)
+    # a LoRA run does not resume the full run's checkpoints
+    with pytest.raises(RecoveryError, match="method|lora"):
+        recover(pruned_tiny(), tok, "bundled", str(tmp_path / "c"), max_length=MAXLEN,
+                training_args=args_for(out, 4, ckpt_dir=os.path.join(out, "checkpoints"), save_steps=2,
+                                       learning_rate=1e-3))
+
+
+def test_cli_recover_full_uses_the_reference_learning_rate(tmp_path) -> None:  # noqa: ANN001
+    from hf_shedder.cli import main
+
+    src, out = tmp_path / "pruned", tmp_path / "recovered"
+    pruned_tiny().save_pretrained(src)
+    word_tokenizer().save_pretrained(src)
+    assert main(["recover", str(src), "--data", "bundled", "--out", str(out), "--max-steps", "1", "--batch-size", "4",
+                 "--seqlen", str(MAXLEN), "--full"]) == 0
+    recovery = json.loads((out / "recovery.json").read_text())
+    assert recovery["method"] == "full fine-tune" and recovery["learning_rate"] == 5e-5
+    assert recovery["effective_batch_size"] == 4
+    assert main(["recover", str(src), "--data", "bundled", "--out", str(tmp_path / "x"), "--full",
+                 "--target-modules", "in_proj"]) == 2
+
+
+def test_mamba2_full_recovery_recipe_runs_the_reference_settings(tmp_path) -> None:  # noqa: ANN001
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes",
+                        "mamba2_2.7b_full_recovery.py")
+    spec = importlib.util.spec_from_file_location("recipe_full", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    argv = recipe.reference_argv("M", "O", batch_size=8)
+    opts = dict(zip(argv[3::2], argv[4::2]))
+    assert argv[:3] == ["recover", "M", "--full"] and opts["--data"] == "yahma/alpaca-cleaned"
+    assert (opts["--lr"], opts["--epochs"], opts["--batch-size"], opts["--grad-accum"]) == ("5e-05", "1", "8", "4")
+    with pytest.raises(SystemExit):
+        recipe.reference_argv("M", "O", batch_size=8, grad_accum=2)
+    src = tmp_path / "pruned"
+    pruned_tiny().save_pretrained(src)
+    word_tokenizer().save_pretrained(src)
+    assert recipe.main(["--model", str(src), "--out", str(tmp_path / "ft"), "--data", "bundled", "--max-steps", "1",
+                        "--batch-size", "4", "--val-size", "0", "--seqlen", str(MAXLEN)]) == 0
+    assert json.loads((tmp_path / "ft" / "recovery.json").read_text())["method"] == "full fine-tune"

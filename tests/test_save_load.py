@@ -73,11 +73,25 @@ def _run_without_hf_shedder(path, x, ref, remote):
     return name, float(diff)
 
 
+OTHER_FAMILY_FILES = ("bamba", "falcon_h1", "granitemoehybrid", "hymba", "jamba", "nemotron_h", "zamba2", "mamba")
+
+
+def assert_only_own_family_code(folder, family_file: str) -> None:
+    """A remote-code export carries its own family's adapter module, no other family's."""
+    names = {p.name for p in folder.glob("*.py")}
+    assert f"hf_shedder_arch_{family_file}.py" in names, sorted(names)
+    others = {f"hf_shedder_arch_{f}.py" for f in OTHER_FAMILY_FILES if f != family_file} | {
+        "hf_shedder_models_hymba_modeling_hymba.py"} - ({"hf_shedder_models_hymba_modeling_hymba.py"}
+                                                       if family_file == "hymba" else set())
+    assert not names & others, sorted(names & others)
+
+
 def test_remote_code_export_loads_without_hf_shedder(tmp_path):
     pruned = prune(build_tiny("mamba2"), Plan([Unit("ssm", 1), Unit("block", 2)]))
     x = _x()
     pruned.save_pretrained(tmp_path / "m", export="remote_code")
     assert json.loads((tmp_path / "m" / "config.json").read_text())["auto_map"]
+    assert_only_own_family_code(tmp_path / "m", "mamba")
     name, diff = _run_without_hf_shedder(tmp_path / "m", x, pruned(x).logits, remote=True)
     assert name == "PrunedMambaForCausalLM" and diff <= ATOL
 
@@ -162,3 +176,14 @@ def test_cli_apply_bad_plan_writes_nothing(tmp_path, capsys):
     assert rc == 2
     assert "out of range" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_python_api_accepts_the_cli_export_names(tmp_path):
+    """``export="hf_shedder"`` (offered by ``hf-shedder apply --export``) is the default checkpoint."""
+    pruned = prune(build_tiny("mamba2"), Plan([Unit("block", 1)]))
+    pruned.save_pretrained(tmp_path / "a", export="hf_shedder")
+    pruned.save_pretrained(tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert "auto_map" not in json.loads((tmp_path / "a" / "config.json").read_text())
+    with pytest.raises(ValueError, match="'hf_shedder'"):
+        pruned.save_pretrained(tmp_path / "c", export="remote-code")

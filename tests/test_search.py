@@ -388,3 +388,55 @@ def test_cli_prune_offline_model_name(tmp_path, capsys):
             "--samples", "2", "--seqlen", "24", "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]
     assert main(argv) == 2
     assert "cannot fetch 'state-spaces/mamba2-130m-not-here'" in capsys.readouterr().err
+
+
+def test_extending_a_search_without_apply_removes_the_older_model(tmp_path, saved_model, capsys):
+    out = tmp_path / "search"
+    common = ["--model", str(saved_model), "--units", "ssm", "--calibration", "bundled", "--samples", "2",
+              "--seqlen", "24", "--batch-size", "2", "--out", str(out), "--device", "cpu", "--no-progress"]
+    assert main(["prune", "--steps", "1", "--apply", *common]) == 0
+    assert (out / "model" / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["prune", "--steps", "1", *common]) == 0  # same plan: the extracted model still matches it
+    printed = capsys.readouterr().out
+    assert (out / "model").is_dir() and "removed" not in printed
+    assert printed.count("resuming the search in") == 1  # a resumed run says so, in one line
+    assert main(["prune", "--steps", "2", *common]) == 0
+    printed = capsys.readouterr().out
+    assert not (out / "model").exists()
+    assert f"removed {out / 'model'}" in printed and "--apply" in printed
+    assert len(json.loads((out / "plan.json").read_text())["units"]) == 2
+
+
+def test_cli_and_python_api_agree_on_the_calibration_perplexity_of_a_bf16_checkpoint(tmp_path, capsys):
+    """A half-precision checkpoint is computed in float32 on CPU by the CLI, as the Python API (and the demo)
+    load it: the same settings give the same calibration perplexity (they differed: 349.51 vs 349.27)."""
+    import re
+
+    from hf_shedder.loading import load_model
+
+    tok = load_tokenizer()
+    path = tmp_path / "bf16"
+    build_tiny("mamba2", num_layers=3, vocab_size=len(tok)).to(torch.bfloat16).save_pretrained(path)
+    assert main(["prune", "--model", str(path), "--units", "ssm", "--steps", "1", "--calibration", "bundled",
+                 "--samples", "2", "--seqlen", "24", "--batch-size", "2", "--out", str(tmp_path / "s"),
+                 "--device", "cpu", "--no-progress", "--apply"]) == 0
+    cli_ppl = re.search(r"perplexity (\S+) -> (\S+);", capsys.readouterr().out).groups()
+    model = load_model(str(path), dtype=torch.float32)
+    calib = load_calibration("bundled", tok, n_samples=2, seqlen=24, seed=42)
+    api = search(model, calib, SearchSettings(units=("ssm",), steps=1, calibration="bundled", samples=2, seqlen=24,
+                                              batch_size=2), progress=False)
+    assert cli_ppl == (f"{api.base_ppl:.4g}", f"{api.trajectory[-1]['ppl']:.4g}")
+    # the extracted model is saved in the checkpoint's own dtype
+    assert json.loads((tmp_path / "s" / "model" / "config.json").read_text())["base_config"]["dtype"] == "bfloat16"
+
+
+def test_progress_in_a_log_has_no_cursor_codes_and_one_line_per_step(tmp_path, capsys):
+    """Nested tqdm bars write cursor-up codes (ESC [A) that litter a log; in a log each step's bar is one line."""
+    search(build_tiny("mamba2", num_layers=3), _calib(), _settings(steps=2), out_dir=tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "\x1b[A" not in err
+    assert "step 1 candidates x batches" in err and "step 2 candidates x batches" in err
+    assert "search steps" not in err
+    search(build_tiny("mamba2", num_layers=3), _calib(), _settings(steps=2), out_dir=tmp_path, progress=False)
+    assert capsys.readouterr().out.count("resuming the search in") == 1

@@ -340,6 +340,10 @@ class ArchAdapter(ABC):
     @abstractmethod
     def lm_head(self) -> nn.Module: ...
 
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the model's forward does to ``lm_head``'s output (perplexity with a chunked head repeats it)."""
+        return logits
+
     def layerwise_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Full forward through the layer-wise API (used to check it matches ``model(...)``)."""
         hidden, ctx = self.embed(input_ids, attention_mask)

@@ -269,6 +269,9 @@ class FalconH1Adapter(Mamba2HybridAdapter):
         # The model multiplies its logits by lm_head_multiplier; lm_head has no bias, so it is folded in here.
         return self.decoder.final_layernorm(hidden) * self.decoder.lm_head_multiplier
 
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits * self.decoder.lm_head_multiplier
+
     def lora_target_modules(self) -> list[str]:
         return ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "gate_proj", "up_proj", "down_proj"]
 

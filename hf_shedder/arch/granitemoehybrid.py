@@ -132,6 +132,9 @@ class GraniteMoeHybridAdapter(Mamba2HybridAdapter):
         # The model divides its logits by logits_scaling; lm_head has no bias, so it is folded in here.
         return self.decoder.norm(hidden) / self.config.logits_scaling
 
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits / self.config.logits_scaling
+
     def lora_target_modules(self) -> list[str]:
         return ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "input_linear", "output_linear"]
 

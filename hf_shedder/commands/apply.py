@@ -4,14 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..arch import get_adapter
-from ..loading import count_parameters, load_model, parse_dtype
-from ..modeling import PrunedMambaForCausalLM
-from ..outputs import staged_directory
-from ..records import PLAN_FILE, PROVENANCE_FILE, STOCK_EXPORTS, library_versions
-from ..tokenizer_choice import output_tokenizer_choice
-from ..units import atomic_write_json, load_plan_for
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model: hub name or local directory")
@@ -25,6 +17,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..arch import get_adapter
+    from ..loading import count_parameters, load_model, parse_dtype
+    from ..modeling import PrunedMambaForCausalLM
+    from ..outputs import staged_directory
+    from ..records import PLAN_FILE, PROVENANCE_FILE, STOCK_EXPORTS, library_versions
+    from ..tokenizer_choice import output_tokenizer_choice
+    from ..units import atomic_write_json, load_plan_for
+
     model = load_model(args.model, dtype=parse_dtype(args.dtype))
     adapter = get_adapter(model)
     plan = load_plan_for(adapter, args.plan)

@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--out", default=None, help="where to write speed_results.json (default: the model folder)")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def _base_name(model_dir: str) -> str | None:
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     # Each model in a fresh process, taking turns: in one process the first model pays the one-time costs
     # (first calls, allocator growth) and the next reuses memory it freed, which flatters the second.
     base_res, pruned_res = benchmark_pair_in_subprocesses(base_name, args.model_dir, dtype=dtype, device=device,
-                                                          **kwargs)
+                                                          progress=not args.no_progress, **kwargs)
     ratio, label = ideal_speedup(args.model_dir, base_res, pruned_res)
     cmp = compare_speed(base_res, pruned_res, ideal_ratio=ratio, ideal_label=label)
     print(cmp.to_markdown())

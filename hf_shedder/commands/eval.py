@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     p.add_argument("--device-map", default=None,
                    help="e.g. auto: spread a model too large for one GPU over several (accelerate); replaces --device")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as saved)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as saved; float32 on CPU)")
     p.add_argument("--out", default=None, help="where to write eval_results.json/.csv (default: the model folder)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -39,17 +39,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def evaluate_model(path: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from ..loading import count_parameters, load_model, parse_dtype
+    from ..loading import compute_dtype, count_parameters, load_model, parse_dtype
     from ..tokenizer_choice import tokenizer_for_command
 
     chosen = tokenizer_for_command(path, args.tokenizer)  # before loading: a misfit is refused before any work
     tok = chosen.tokenizer
     if args.device_map:
-        model = load_model(path, dtype=parse_dtype(args.dtype), device_map=args.device_map)
+        mapped_to = "cuda" if torch.cuda.is_available() else "cpu"  # where --device-map puts it
+        model = load_model(path, dtype=compute_dtype(parse_dtype(args.dtype), mapped_to), device_map=args.device_map)
         device = ",".join(sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})) or "cpu"
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(path, dtype=parse_dtype(args.dtype), device=device)
+        model = load_model(path, dtype=compute_dtype(parse_dtype(args.dtype), device), device=device)
     entry: dict[str, Any] = {"model": path, "n_params": count_parameters(model), "device": device,
                              "tokenizer": chosen.name}
     if args.ppl:

@@ -6,9 +6,7 @@ import argparse
 import json
 import os
 
-from ..config import ShedderConfig
 from ..errors import CheckpointError
-from ..loading import skeleton_parameters
 from ..records import PLAN_FILE, folder_plan, folder_provenance
 from ..units import Plan
 
@@ -21,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def describe(model_dir: str) -> dict:
     """What a pruned folder removed and its parameter counts: an hf_shedder checkpoint, or a plain export
     (stock config + ``shedder_plan.json``; the base count comes from ``shedder_provenance.json`` if present)."""
+    from ..config import ShedderConfig
+    from ..loading import skeleton_parameters
+
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{model_dir} has no config.json: not a saved model directory")
@@ -36,7 +37,7 @@ def describe(model_dir: str) -> dict:
 
 def _describe_plain(model_dir: str, raw: dict) -> dict:
     """A stock checkpoint with hf_shedder's plan beside it: Transformers' (plain) or mamba-ssm's."""
-    from ..loading import load_config
+    from ..loading import load_config, skeleton_parameters
     from ..mamba_ssm_format import FORMAT as MAMBA_SSM
     from ..mamba_ssm_format import is_mamba_ssm_config
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import valid_sources
+from ..defaults import CALIBRATION_MODES, NORMALIZE_CHOICES, valid_sources
 from ..errors import SearchError
-from ..records import STOCK_EXPORTS
-from ..search.settings import CALIBRATION_MODES, NORMALIZE_CHOICES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "as Mamba-Shedder's prune.py")
     p.add_argument("--out", required=True, help="output directory (journal, plan, trajectory); re-run to resume")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored; float32 on CPU)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("--device-map", default=None, help="e.g. auto: spread a large model over the GPUs (accelerate)")
     p.add_argument("--exact-reference", action="store_true",
@@ -63,12 +61,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _drop_stale_model(folder: Path, plan: object) -> None:
+    """An extracted model from an earlier run must not sit beside a plan it no longer matches."""
+    import shutil
+
+    from ..records import PLAN_FILE
+    from ..units import Plan
+
+    if not folder.is_dir():
+        return
+    try:
+        same = list(Plan.load(folder / PLAN_FILE)) == list(plan)
+    except Exception:  # no or unreadable plan file: nothing says which plan the folder holds
+        same = False
+    if not same:
+        shutil.rmtree(folder)
+        print(f"removed {folder}: it was extracted from an earlier plan, not from this one (add --apply to extract "
+              "this plan)")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import load_calibration
     from ..distributed import init_from_env, rank_device
-    from ..loading import count_parameters, load_model, parse_dtype
+    from ..loading import compute_dtype, count_parameters, load_model, parse_dtype, stored_dtype
+    from ..records import STOCK_EXPORTS
     from ..search import SearchSettings, search
     from ..tokenizer_choice import choose_tokenizer
 
@@ -101,7 +119,10 @@ def run(args: argparse.Namespace) -> int:
         print(chosen.describe(), flush=True)
     tokenizer = chosen.tokenizer
     kwargs = {"device_map": args.device_map} if args.device_map else {}
-    model = load_model(args.model, dtype=parse_dtype(args.dtype), device=None if args.device_map else device, **kwargs)
+    # with --device-map the model lands on the GPUs when there are any, else on the CPU
+    dtype = compute_dtype(parse_dtype(args.dtype), device if not args.device_map
+                          else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(args.model, dtype=dtype, device=None if args.device_map else device, **kwargs)
     if args.exact_reference:
         import dataclasses
 
@@ -124,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
               f"{result.base_params:,} -> {result.trajectory[-1]['params']:,}")
         print(f"work: {c['layer_evals']:,} layer evaluations, {c['head_evals']:,} head evaluations, {c['seconds']:.1f} s")
         print(f"wrote {args.out}/plan.json, trajectory.csv/json/png, journal.json")
+    if not args.apply and comm.is_main:
+        _drop_stale_model(Path(args.out) / "model", result.plan)
     if args.apply and comm.is_main:
         from ..modeling import PrunedMambaForCausalLM
         from ..outputs import staged_directory
@@ -131,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
         from ..units import atomic_write_json
 
         before = count_parameters(model)
+        if args.dtype is None and (saved := stored_dtype(args.model)) not in (None, dtype):
+            model.to(saved)  # computed in float32 on CPU; saved as the base model was
+            model.config.dtype = saved
         pruned = PrunedMambaForCausalLM.from_base(model, result.plan, inplace=True)
         after = count_parameters(pruned)
         # provenance for info / card: base model, search settings, calibration ppl, parameter counts, versions

@@ -213,9 +213,13 @@ def evaluate_tasks(
             f"unknown task(s) {', '.join(unknown)} for {where}; bundled offline tasks: {', '.join(DEFAULT_TASKS)}"
         )
     require_special_tokens(tokenizer, "zero-shot evaluation (lm-eval)")
-    lm_kwargs: dict[str, Any] = {"batch_size": batch_size}
+    # every supported family is a causal LM: saying so spares lm-eval guessing from the (pruned) model type
+    lm_kwargs: dict[str, Any] = {"batch_size": batch_size, "backend": "causal"}
     if max_length is not None:
         lm_kwargs["max_length"] = max_length
+    from hf_shedder.log_filters import install as drop_unactionable_warnings
+
+    drop_unactionable_warnings()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, **lm_kwargs)
     try:
         out = lm_eval.simple_evaluate(

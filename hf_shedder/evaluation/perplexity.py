@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from hf_shedder.data import CalibrationSet
@@ -148,6 +149,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _CaptureHead(nn.Module):
+    """Stands in for the LM head during a forward: keeps the hidden states it is given and returns logits
+    with an empty vocabulary axis, so the model never builds its [B, L, V] logits (and their fp32 copy);
+    ``head_nll`` then applies the real head a few hundred positions at a time."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+        self.hidden: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # models cast the hidden states to lm_head.weight.dtype
+        return self.head.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.hidden = hidden
+        return hidden.new_zeros((*hidden.shape[:-1], 0))
+
+
+def _head_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, Callable] | None:
+    """(model whose ``lm_head`` can be swapped, that head, what the model does to the head's output), or
+    None for models without an hf_shedder adapter (they are evaluated on full logits)."""
+    from hf_shedder.arch import get_adapter
+    from hf_shedder.errors import UnsupportedModelError
+
+    inner = model
+    while getattr(inner, "config", None) is not None and getattr(inner.config, "model_type", None) == "hf_shedder":
+        inner = inner.model  # PrunedMambaForCausalLM wraps the (pruned) base model
+    try:
+        adapter = get_adapter(inner)
+    except UnsupportedModelError:
+        return None
+    head = adapter.lm_head()
+    if inner.get_output_embeddings() is not head or getattr(head, "bias", None) is not None:
+        return None
+    return inner, head, adapter.scale_logits
+
+
 @torch.no_grad()
 def evaluate_perplexity(
     model: torch.nn.Module,
@@ -157,19 +196,42 @@ def evaluate_perplexity(
     progress: bool = True,
     ignore_token_id: int | None = None,
 ) -> PerplexityResult:
-    """Reference perplexity of any HF causal LM (its output has ``.logits``) on ``calib``."""
+    """Reference perplexity of any HF causal LM (its output has ``.logits``) on ``calib``.
+
+    For the families hf_shedder knows, the vocabulary projection runs in chunks of positions (peak memory
+    is the model's activations plus ``batch x chunk x vocab`` fp32 logits, not ``batch x seqlen x vocab``);
+    the numbers are the same as from the full logits. Other models are evaluated on their full logits.
+    """
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
     acc = NLLAccumulator()
+    parts = _head_parts(model)
     _sync(device)
     start = time.perf_counter()
     try:
         n_batches = math.ceil(calib.n_samples / batch_size)
         for batch in tqdm(calib.batches(batch_size, device), total=n_batches, desc="perplexity", disable=not progress):
-            logits = model(**batch, use_cache=False).logits
-            acc.add(*token_nll(logits, batch["input_ids"], batch["attention_mask"], ignore_token_id=ignore_token_id))
-            del logits
+            if parts is None:
+                logits = model(**batch, use_cache=False).logits
+                acc.add(*token_nll(logits, batch["input_ids"], batch["attention_mask"], ignore_token_id=ignore_token_id))
+                del logits
+                continue
+            inner, head, scale_logits = parts
+            capture = _CaptureHead(head)
+            inner.set_output_embeddings(capture)
+            try:
+                model(**batch, use_cache=False)
+            finally:
+                inner.set_output_embeddings(head)
+            hidden, capture.hidden = capture.hidden, None
+
+            def head_fn(x: torch.Tensor, head: nn.Module = head, scale: Callable = scale_logits) -> torch.Tensor:
+                return scale(head(x))  # the model's own op order: lm_head, then its logit scaling
+
+            acc.add(*head_nll(hidden, head_fn, batch["input_ids"], batch["attention_mask"],
+                              ignore_token_id=ignore_token_id))
+            del hidden
     finally:
         model.train(was_training)
     _sync(device)

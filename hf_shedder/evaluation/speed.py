@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from hf_shedder.errors import ShedderError
 
@@ -438,6 +439,7 @@ def benchmark_pair_in_subprocesses(
     repeats: int = 3,
     decode_prompt_len: int = 16,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[SpeedResult, SpeedResult]:
     """Benchmark two models (folders or hub names), each loaded in a fresh Python process of its own.
 
@@ -458,20 +460,28 @@ def benchmark_pair_in_subprocesses(
     # the children import this very hf_shedder, installed or not
     root = os.path.dirname(os.path.dirname(os.path.abspath(hf_shedder.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    if progress:
+        print(f"benchmark: loading {base_path} and {pruned_path}, one process each", flush=True)
     workers = [_Worker(base_path, spec, env), _Worker(pruned_path, spec, env)]
+    bar = None
     try:
         ready = [w.ask() for w in workers]
         names = ready[0]["names"]
         times: list[dict[str, list[float]]] = [{n: [] for n in names}, {n: [] for n in names}]
+        bar = tqdm(total=len(names) * (warmup + repeats) * 2, desc="benchmark runs (base, pruned)", disable=not progress)
         for name in names:
+            bar.set_postfix_str(name)
             for i in range(warmup + repeats):
                 order = (0, 1) if i % 2 == 0 else (1, 0)
                 for k in order:
                     reply = workers[k].ask({"op": "run", "name": name})
+                    bar.update()
                     if i >= warmup:
                         times[k][name].append(reply["seconds"])
         finals = [w.ask({"op": "finish"}) for w in workers]
     finally:
+        if bar is not None:
+            bar.close()
         for w in workers:
             w.close()
     results = []

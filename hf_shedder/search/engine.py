@@ -20,6 +20,7 @@ the same journal.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,19 @@ from .evaluator import BASE, Evaluator, unit_key
 from .journal import JOURNAL_NAME, check_resumable, new_journal, read_journal, write_journal
 from .reference_mode import reference_mean_ppl
 from .settings import SearchSettings, identity, model_identity
+
+
+def _is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def _resume_line(path: Path, journal: dict[str, Any]) -> str:
+    """One line saying that (and where) a search resumes."""
+    done = len(journal.get("steps") or [])
+    part = journal.get("partial") or {}
+    measured = sum((part.get("batches") or {}).values())
+    extra = f", step {done + 1} partly measured ({measured} candidate batches)" if measured else ""
+    return f"resuming the search in {path}: {done} step(s) done{extra}"
 
 
 @dataclass
@@ -160,6 +174,7 @@ class _Search:
                 if data is not None:
                     check_resumable(data, self.ident, path)
                     data["settings"] = self.settings.to_dict()  # stopping rules may differ
+                    print(_resume_line(path, data), flush=True)
                 outcome = ("ok", data)
             except SearchError as e:
                 outcome = ("error", str(e))
@@ -241,7 +256,10 @@ class _Search:
 
     # ------------------------------------------------------------------ running
     def run(self) -> SearchResult:
-        steps_bar = tqdm(total=self.settings.steps, desc="search steps", disable=not self.progress,
+        # In a log (not a terminal) nested bars leave cursor-up codes behind: there each step's bar stays
+        # as one finished line instead, and the outer bar is left out.
+        self._nested = _is_terminal()
+        steps_bar = tqdm(total=self.settings.steps, desc="search steps", disable=not self.progress or not self._nested,
                          initial=min(len(self.journal["steps"]), self.settings.steps))
         try:
             while True:
@@ -326,7 +344,8 @@ class _Search:
             part = self.journal["partial"] = self._new_partial(n, cands)
         self._clock = time.perf_counter()
         total = sum(self.nb - b for b in part["batches"].values())
-        bar = tqdm(total=total, desc=f"step {n + 1} candidates x batches", leave=False, disable=not self.progress)
+        bar = tqdm(total=total, desc=f"step {n + 1} candidates x batches", leave=not self._nested,
+                   disable=not self.progress)
         try:
             if self.settings.exact_reference:
                 self._plain_step(plan, cands, part, bar)

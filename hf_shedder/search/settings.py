@@ -9,12 +9,9 @@ from typing import Any
 
 import torch
 
+from ..defaults import CALIBRATION_MODES, NORMALIZE_CHOICES, SPLIT_CHOICES
 from ..errors import SearchError
 from .racing import DEFAULT_DELTA, DEFAULT_MIN_SAMPLES
-
-NORMALIZE_CHOICES = (None, "params")
-CALIBRATION_MODES = ("windows", "reference")  # see data.load_calibration
-SPLIT_CHOICES = ("batches", "candidates")
 
 # Settings that only decide where to stop or how to run: a journal may be resumed (or extended) with
 # other values. Everything else changes the numbers or the journal's contents and must match.
