@@ -396,3 +396,25 @@ def test_bench_table_shows_decode_without_graphs_when_measured() -> None:
 
     table = SpeedComparison(result(100.0, 20.0), result(125.0, 24.0)).to_markdown()
     assert "eager: CUDA graphs off" in table and "| 20.0 | 24.0 | 1.20x |" in table
+
+
+@pytest.mark.parametrize("groups, length", [(2, 21), (1, 16)])
+def test_lean_scan_gives_transformers_outputs(monkeypatch: pytest.MonkeyPatch, groups: int, length: int) -> None:
+    import hf_shedder.arch.fused_mixers as fused_mixers
+    from hf_shedder.runtime.lean_scan import reference_scan_bytes
+
+    model = build_tiny("mamba2", num_layers=3) if groups == 2 else _model("mamba2")
+    ids = torch.randint(0, VOCAB, (2, length))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        with fused_forward(model):
+            monkeypatch.setattr(fused_mixers, "LEAN_SCAN_MIN_BYTES", 0)  # every forward takes the lean scan
+            calls = []
+            mixer = type(model.backbone.layers[0].mixer)
+            original = mixer._lean_forward
+            monkeypatch.setattr(mixer, "_lean_forward", lambda self, h: calls.append(1) or original(self, h))
+            out = model(ids, use_cache=False).logits
+    assert len(calls) == 3
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # What it avoids: the reference scan's largest intermediate at the bundled model's eval shape.
+    assert reference_scan_bytes(8, 2048, heads=8, head_dim=24, state=64, chunk=16) > 6 * 2**30

@@ -23,11 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.mamba.modeling_mamba import MambaMixer, MambaRMSNorm
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer, Mamba2RMSNorm, MambaRMSNormGated
+from transformers.models.mamba2.modeling_mamba2 import causal_conv1d_fn as stock_causal_conv1d_fn
 
 from ..compat import pop_cache
 from ..runtime.kernels import MambaKernels, kernels_apply_to
+from ..runtime.lean_scan import lean_chunk_scan, reference_scan_bytes
 
 _FUSABLE_ACTIVATIONS = ("silu", "swish")
+# Without kernels, Mamba-2 no-cache forwards whose reference scan would need more than this take the
+# linear-memory scan (runtime.lean_scan); smaller ones keep Transformers' own code, bit for bit.
+LEAN_SCAN_MIN_BYTES = 256 * 2**20
 
 # The last padding mask seen and whether it was all ones: one forward passes the same mask to every
 # layer, so the check (a host sync) runs once per forward, not once per layer.
@@ -166,6 +171,8 @@ class FusedMamba2Mixer(Mamba2Mixer):
         found = decode_kernels_for(hidden_states, cache_params, self.layer_idx)
         if found is not None and self._fusable():
             return self._decode_step(hidden_states, *found)
+        if self._needs_lean_scan(hidden_states, cache_params, attention_mask):
+            return self._lean_forward(hidden_states)
         kernels = fused_kernels_for(hidden_states, cache_params, attention_mask)
         if kernels is None or not self._fusable() or kwargs.get("seq_idx") is not None:
             return super().forward(hidden_states, attention_mask=attention_mask, **{self._cache_kw: cache_params},
@@ -189,6 +196,31 @@ class FusedMamba2Mixer(Mamba2Mixer):
             norm_before_gate=False,  # Transformers' gated norm: RMSNorm(x * silu(z))
             return_final_states=False,
         )
+
+    def _needs_lean_scan(self, hidden_states: torch.Tensor, cache_params: Any, attention_mask: Any) -> bool:
+        """No kernels here and Transformers' reference scan would need more than LEAN_SCAN_MIN_BYTES."""
+        if cache_params is not None or kernels_apply_to(hidden_states) is not None or not _mask_is_trivial(attention_mask):
+            return False
+        batch, length, _ = hidden_states.shape
+        need = reference_scan_bytes(batch, length, self.num_heads, self.head_dim, self.ssm_state_size, self.chunk_size)
+        return need > LEAN_SCAN_MIN_BYTES
+
+    def _lean_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The stock no-cache forward with the scan of :func:`lean_chunk_scan` (same steps, same modules)."""
+        batch, length, _ = hidden_states.shape
+        gate, xbc, dt = self.in_proj(hidden_states).split(
+            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        xbc = stock_causal_conv1d_fn(xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                     activation=self.activation).transpose(1, 2)
+        groups_state = self.n_groups * self.ssm_state_size
+        x, b, c = xbc.split([self.intermediate_size, groups_state, groups_state], dim=-1)
+        y = lean_chunk_scan(
+            x.view(batch, length, self.num_heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
+            b.view(batch, length, self.n_groups, -1), c.view(batch, length, self.n_groups, -1), self.chunk_size,
+            D=self.D, dt_bias=self.dt_bias, dt_limit=tuple(self.time_step_limit),
+        )
+        y = self.norm(y.reshape(batch, length, -1), gate)
+        return self.out_proj(y.to(hidden_states.dtype))
 
     def _fusable(self) -> bool:
         return (self.n_groups == 1 and self.activation in _FUSABLE_ACTIVATIONS
