@@ -42,5 +42,9 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = output_tokenizer(args.model, getattr(model.config, "vocab_size", None))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+    from ..arch.zamba2_uses import untie_message
+
+    if untie_message(pruned):  # per-use Zamba2 units: the saved model holds untied copies
+        print(untie_message(pruned))
     print(f"pruned {plan.summary()}: {before:,} -> {after:,} parameters ({after / before:.1%}); saved to {args.out}")
     return 0
