@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from hf_shedder.arch import get_adapter
 from hf_shedder.data import CalibrationSet
-from hf_shedder.errors import PlanError
 from hf_shedder.search import SearchSettings, search
 from hf_shedder.search.reference_mode import (
     draw_reference_rows,
@@ -228,7 +227,7 @@ def test_ignore_rule_and_cli_overrides():
     assert mamba["calibration_mode"] == "reference" and mamba["reference_numerics"]
 
 
-def test_zamba2_reference_files_load_or_are_refused_never_misread(tmp_path):
+def test_zamba2_reference_files_load_with_the_reference_meaning(tmp_path):
     from tests.tiny_hybrids import build_tiny_hybrid
 
     model = build_tiny_hybrid("zamba2")  # layers 1, 3, 5 use the shared block
@@ -238,12 +237,14 @@ def test_zamba2_reference_files_load_or_are_refused_never_misread(tmp_path):
           "pruned_mlp_channels": {"0": size, "1": size, "2": size}, "pruned_ssm_idx": [4, 2]}
     path = tmp_path / "config.ssm.7.json"
     path.write_text(json.dumps(ok))
-    assert list(load_plan_for(adapter, path)) == [Unit("ssm", 4), Unit("ssm", 2), Unit("block", 2), Unit("block", 0)]
-    for bad in ({"pruned_mlp_idx": [1]}, {"pruned_mha_idx": [0]}, {"pruned_mamba_block_idx": [3]},
-                {"pruned_mlp_channels": {"0": size - 8}}):
-        path.write_text(json.dumps({**ok, **bad}))
-        with pytest.raises(PlanError, match="per-use"):
-            load_plan_for(adapter, path)
+    assert list(load_plan_for(adapter, path)) == [Unit("ssm", 4), Unit("ssm", 2), Unit("mamba_block", 2),
+                                                  Unit("mamba_block", 0)]
+    # per-use keys (tests/test_zamba2_reference_units.py checks their meaning)
+    for more, unit in (({"pruned_mlp_idx": [1]}, Unit("mlp", 3)), ({"pruned_mha_idx": [0]}, Unit("mha", 1)),
+                       ({"pruned_mamba_block_idx": [3]}, Unit("mamba_block", 3)),
+                       ({"pruned_mlp_channels": {"0": size - 8}}, Unit("mlp_width", 1, tuple(range(size - 8, size))))):
+        path.write_text(json.dumps({**ok, **more}))
+        assert unit in load_plan_for(adapter, path)
 
 
 def test_hymba_tasks_are_scored_with_acc_as_its_reference_script():

@@ -44,5 +44,9 @@ def run(args: argparse.Namespace) -> int:
             atomic_write_json(tmp / PROVENANCE_FILE, pruned.config.provenance)
         if chosen is not None:
             chosen.tokenizer.save_pretrained(tmp)
+    from ..arch.zamba2_uses import untie_message
+
+    if untie_message(pruned):  # per-use Zamba2 units: the saved model holds untied copies
+        print(untie_message(pruned))
     print(f"pruned {plan.summary()}: {before:,} -> {after:,} parameters ({after / before:.1%}); saved to {args.out}")
     return 0

@@ -129,12 +129,15 @@ def _target_name(kinds: Sequence[str], names: dict[str, str]) -> str:
 
 
 def write_reference_files(result: SearchResult, out_dir: Path, adapter: Any, extra_log: dict[str, Any] | None = None,
-                          first_step: int = 0, target: str | None = None) -> list[Path]:
+                          first_step: int = 0, target: str | None = None,
+                          per_unit_log_target: bool = False) -> list[Path]:
     """``pruned_model_configs/config.{target}.{step}.json`` per step and ``log.json`` as the reference writes them.
 
     ``adapter.reference_step_file(plan)`` gives the file content (the family's format); ``target`` is the
     reference's ``--prune_target`` (default: from the searched unit kinds); ``first_step`` numbers the
-    steps of a later stage of a staged search.
+    steps of a later stage of a staged search, whose plans start from ``adapter.empty_plan()`` (the stages
+    before). ``per_unit_log_target``: log.json names each step's unit kind, as Zamba2's staged script
+    (``pruning_target``: mamba_block / mha / mlp in its block stage), not the file's target.
     """
     cfg_dir = out_dir / REFERENCE_CONFIG_DIR
     cfg_dir.mkdir(parents=True, exist_ok=True)
@@ -145,14 +148,16 @@ def write_reference_files(result: SearchResult, out_dir: Path, adapter: Any, ext
     log["total_params"] = result.base_params
     results = [r for r in log.get("pruning_results", []) if r["step"] < first_step]
     written = []
-    plan = Plan([], result.plan.family, result.plan.num_layers)
+    plan = adapter.empty_plan()
     for st in result.steps:
         plan = plan.extended(Plan.from_dict({"units": [st["unit"]]}).units[0])
         step = first_step + st["step"]
         path = cfg_dir / f"config.{target}.{step}.json"
         atomic_write_json(path, adapter.reference_step_file(plan))
         written.append(path)
-        results.append({"step": step, adapter.reference_log_target_key: target, "importance": st["ppl"],
+        unit = plan.units[-1]
+        logged = adapter.reference_target_names.get(unit.kind, unit.kind) if per_unit_log_target else target
+        results.append({"step": step, adapter.reference_log_target_key: logged, "importance": st["ppl"],
                         "config_save_to": str(path)})
     log["pruning_results"] = results
     log["num_evals"] = log.get("num_evals", 0) * bool(first_step) + sum(len(s["candidates"]) for s in result.steps)
