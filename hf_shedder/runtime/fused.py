@@ -2,7 +2,8 @@
 
 The fused subclasses (``hf_shedder.arch.fused_mixers``) take the fused mamba-ssm kernels for every
 no-cache forward on a GPU and run the stock forward otherwise (CPU, no kernels, a cache, padding), so
-switching is always safe: on CPU nothing changes but the class name. Parameters, buffers and
+switching is always safe. On CPU the one difference is memory: a Mamba-2 forward whose reference scan
+would need more than ``LEAN_SCAN_MIN_BYTES`` takes the linear-memory scan (same outputs within 1e-5). Parameters, buffers and
 state-dict keys stay the same. Modules added later (a search's masks, extraction) are switched when
 :func:`enable_fused_forward` runs again; the SSM-free mixers that masks and extraction build decide
 for themselves.
