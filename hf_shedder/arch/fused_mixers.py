@@ -10,6 +10,8 @@ knows the attribute names the kernels read.
 Covered: ``MambaMixer`` (Mamba-1), ``Mamba2Mixer`` with one group (mamba-ssm's fused kernel normalises
 per group, Transformers' eager norm over the whole width: they agree only for ``n_groups == 1``), and
 the blocks' RMSNorms. FalconMamba's mixer (extra B/C/dt norms) and the hybrids' mixers keep their path.
+Without kernels, a large no-cache Mamba-2 forward runs the stock steps with a linear-memory scan
+(``runtime.lean_scan``) in place of Transformers' reference scan, whose memory is quadratic in the chunks.
 """
 
 from __future__ import annotations
