@@ -354,5 +354,9 @@ class ArchAdapter(ABC):
 
     # ------------------------------------------------------------------ recovery
     @abstractmethod
+    def extraction_note(self) -> str | None:
+        """What extraction did beyond removing units that the user should be told (None: nothing)."""
+        return None
+
     def lora_target_modules(self) -> list[str]:
         """Module-name suffixes LoRA should adapt in this family (those that survive pruning)."""

@@ -126,6 +126,12 @@ class Zamba2Adapter(WidthUnitsMixin, ArchAdapter):
     # The reference's --mlp_channel_group_size is 1024 of Zamba2-2.7B's 10240 channels: a tenth by default.
     mlp_width_steps = 10
 
+    def extraction_note(self) -> str | None:
+        # Per-use units give the touched uses their own (untied) copies of the shared block.
+        from .zamba2_uses import untie_message
+
+        return untie_message(self.model)
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self._derive_structure()

@@ -44,9 +44,8 @@ def run(args: argparse.Namespace) -> int:
             atomic_write_json(tmp / PROVENANCE_FILE, pruned.config.provenance)
         if chosen is not None:
             chosen.tokenizer.save_pretrained(tmp)
-    from ..arch.zamba2_uses import untie_message
-
-    if untie_message(pruned):  # per-use Zamba2 units: the saved model holds untied copies
-        print(untie_message(pruned))
+    note = get_adapter(pruned.model).extraction_note()  # e.g. Zamba2's untied copies
+    if note:
+        print(note)
     print(f"pruned {plan.summary()}: {before:,} -> {after:,} parameters ({after / before:.1%}); saved to {args.out}")
     return 0

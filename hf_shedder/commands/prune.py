@@ -174,10 +174,11 @@ def run(args: argparse.Namespace) -> int:
             if tokenizer.eos_token is not None:  # never save one that cannot pad (special tokens completed)
                 tokenizer.save_pretrained(tmp)
             write_search_record(tmp, pruned.config.provenance, result.plan, result.trajectory, search_dir=args.out)
-        from ..arch.zamba2_uses import untie_message
+        from ..arch import get_adapter
 
-        if untie_message(pruned):  # per-use Zamba2 units: the saved model holds untied copies
-            print(untie_message(pruned))
+        note = get_adapter(pruned.model).extraction_note()  # e.g. Zamba2's untied copies
+        if note:
+            print(note)
         print(f"pruned model: {before:,} -> {after:,} parameters ({after / before:.1%}); saved to {target}")
     comm.barrier()
     return 0
