@@ -439,6 +439,19 @@ def resolve_token(token: str | None = None) -> str:
     return found
 
 
+def http_client_modules() -> list:
+    """The HTTP client packages huggingface_hub may raise errors from: ``httpx`` (1.x) and ``httpx2`` (2.x)."""
+    import importlib
+
+    found = []
+    for name in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return found
+
+
 def push_to_hub(
     folder: str | os.PathLike[str],
     repo_id: str,
@@ -451,7 +464,8 @@ def push_to_hub(
         raise HubError(f"--repo must look like 'user/name', got {repo_id!r}")
     files = files_to_upload(folder)
     tok = resolve_token(token)
-    import httpx
+    transport_errors = tuple(m.TransportError for m in http_client_modules())
+    http_errors = tuple(m.HTTPError for m in http_client_modules())
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -466,11 +480,11 @@ def push_to_hub(
         raise HubError(f"cannot push to {repo_id}: Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1)") from e
     except HfHubHTTPError as e:  # the Hub answered with an error (bad token, no permission, ...)
         raise HubError(f"push to {repo_id} failed: {type(e).__name__}: {e}") from e
-    except (httpx.TransportError, ConnectionError) as e:  # huggingface_hub 1.x raises httpx's own errors
+    except (*transport_errors, ConnectionError) as e:  # huggingface_hub raises its HTTP client's own errors
         raise HubError(
             f"push to {repo_id} failed: cannot reach the Hugging Face Hub ({type(e).__name__}: {e}); "
             "check the network connection (or proxy settings) and try again"
         ) from e
-    except (httpx.HTTPError, OSError) as e:
+    except (*http_errors, OSError) as e:
         raise HubError(f"push to {repo_id} failed: {type(e).__name__}: {e}") from e
     return str(getattr(info, "commit_url", info))

@@ -166,10 +166,12 @@ def test_push_errors(pruned_dir: Path, monkeypatch, tmp_path, capsys) -> None:
 
 
 def test_push_without_a_network_is_a_clear_error(pruned_dir: Path, monkeypatch, capsys) -> None:
-    import httpx
+    from hf_shedder.hub import http_client_modules
+
+    client = http_client_modules()[0]  # what the installed huggingface_hub raises through (httpx2 or httpx)
 
     def unreachable(self, repo_id, **kw):  # noqa: ANN001, ANN003, ANN202
-        raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+        raise client.ConnectError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", unreachable)
     with pytest.raises(HubError, match="cannot reach the Hugging Face Hub .*ConnectError"):

@@ -352,11 +352,11 @@ class ArchAdapter(ABC):
         head = self.lm_head()
         return head(self.final_norm(hidden).to(head.weight.dtype)).float()
 
-    # ------------------------------------------------------------------ recovery
-    @abstractmethod
     def extraction_note(self) -> str | None:
         """What extraction did beyond removing units that the user should be told (None: nothing)."""
         return None
 
+    # ------------------------------------------------------------------ recovery
+    @abstractmethod
     def lora_target_modules(self) -> list[str]:
         """Module-name suffixes LoRA should adapt in this family (those that survive pruning)."""
