@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compat import CACHE_KWARG, pop_cache
+
 _ADAPTER_LISTS = ("linear_q_adapter_list", "linear_k_adapter_list", "linear_v_adapter_list")
 
 
@@ -39,13 +41,15 @@ class Zamba2UseBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, original_hidden_states: torch.Tensor | None = None,
                 layer_idx: int | None = None, attention_mask: torch.Tensor | None = None,
-                past_key_values: Any = None, position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
+                position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
+        # The cache arrives as ``cache`` or ``past_key_values`` by release; hand it on under the installed name.
+        cache = pop_cache(kwargs)
         if self.self_attn is not None:
             hidden_states = torch.concatenate([hidden_states, original_hidden_states], dim=-1)
             hidden_states = self.input_layernorm(hidden_states)
             hidden_states, _ = self.self_attn(
                 hidden_states=hidden_states, layer_idx=layer_idx, attention_mask=attention_mask,
-                past_key_values=past_key_values, position_embeddings=position_embeddings, **kwargs,
+                position_embeddings=position_embeddings, **{CACHE_KWARG: cache}, **kwargs,
             )
         if self.feed_forward is not None:
             hidden_states = self.pre_ff_layernorm(hidden_states)
