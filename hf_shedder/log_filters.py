@@ -10,11 +10,14 @@ Only these exact messages go; every other record of those loggers (and all other
   at the source: the harness passes ``backend="causal"``.)
 * Transformers warns that ``mamba_ssm`` / ``causal_conv1d`` are not installed and the reference PyTorch
   path is used: those kernels are CUDA-only, so on a machine without CUDA there is nothing to install.
+* Transformers (after 5.17) warns that ``is_gradient_checkpointing`` is deprecated whenever PEFT reads it
+  during LoRA recovery: PEFT's code, not the user's (a Python warning, filtered by message and module).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 
 _LM_EVAL_TASK_LOGGER = "lm_eval.api.task"
 _LM_EVAL_HF_LOGGER = "lm_eval.models.huggingface"
@@ -58,3 +61,5 @@ def install() -> None:
     _install(_LM_EVAL_TASK_LOGGER, _DropMessages(("Custom kwargs can be passed to `--metadata`",)))
     _install(_LM_EVAL_HF_LOGGER, _DropMessages(_LM_EVAL_MODEL_OBJECT))
     _install(_KERNELS_LOGGER, _kernel_fallback_filter())
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                            module=r"transformers\.modeling_utils")

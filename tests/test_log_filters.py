@@ -39,3 +39,16 @@ def test_kernel_fallback_warning_dropped_only_without_cuda(caplog, monkeypatch):
     assert _emitted(name, msg.replace("`mamba_ssm`", "`fla`"), caplog)  # an installable package: kept
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert _emitted(name, msg, caplog)  # with CUDA the kernels can be installed: the hint stays
+
+
+def test_peft_gradient_checkpointing_deprecation_is_dropped_others_kept():
+    import warnings
+
+    from hf_shedder.log_filters import install
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        install()
+        for message in ("`is_gradient_checkpointing` is deprecated and will be removed in v6.", "something else"):
+            warnings.warn_explicit(message, FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
+    assert [str(w.message) for w in caught] == ["something else"]
