@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from torch import nn
 
@@ -40,31 +40,33 @@ def _say_once(key: str, message: str, level: int = logging.INFO) -> None:
         logger.log(level, message)
 
 
+def _swap_classes(modules: Iterable[nn.Module], mapping: dict[type[nn.Module], type[nn.Module]]) -> list[nn.Module]:
+    """Give each module whose exact class is a key of ``mapping`` the mapped class; returns those modules."""
+    swapped = []
+    for module in modules:
+        target = mapping.get(type(module))
+        if target is not None:
+            module.__class__ = target
+            swapped.append(module)
+    return swapped
+
+
 def enable_fused_forward(model: nn.Module) -> int:
     """Give every covered Mamba module of ``model`` its fused forward; returns how many were switched."""
-    switched = 0
-    fused_of = _fused_classes()
-    for module in model.modules():
-        fused = fused_of.get(type(module))
-        if fused is not None:
-            module.__class__ = fused
-            switched += 1
+    switched = _swap_classes(model.modules(), _fused_classes())
+    _tell_if_no_kernels(switched)
+    return len(switched)
+
+
+def _tell_if_no_kernels(switched: list[nn.Module]) -> None:
     if switched and get_kernels() is None:
         _say_once("no-kernels", "hf_shedder: mamba-ssm / causal-conv1d kernels not available (or no GPU): "
                   "Mamba layers run Transformers' own forward")
-    return switched
 
 
 def disable_fused_forward(model: nn.Module) -> int:
     """Undo :func:`enable_fused_forward`; returns how many modules went back to their stock class."""
-    restored = 0
-    stock_of = _stock_classes()
-    for module in model.modules():
-        stock = stock_of.get(type(module))
-        if stock is not None:
-            module.__class__ = stock
-            restored += 1
-    return restored
+    return len(_swap_classes(model.modules(), _stock_classes()))
 
 
 def fused_forward_enabled(model: nn.Module) -> bool:
@@ -75,13 +77,9 @@ def fused_forward_enabled(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def fused_forward(model: nn.Module) -> Iterator[nn.Module]:
     """Fused forwards inside the block; modules that were stock before go back to stock after it."""
-    fused_of, stock_of = _fused_classes(), _stock_classes()
-    switched = [m for m in model.modules() if type(m) in fused_of]
-    enable_fused_forward(model)
+    switched = _swap_classes(model.modules(), _fused_classes())
+    _tell_if_no_kernels(switched)
     try:
         yield model
     finally:
-        for module in switched:
-            stock = stock_of.get(type(module))
-            if stock is not None:
-                module.__class__ = stock
+        _swap_classes(switched, _stock_classes())
