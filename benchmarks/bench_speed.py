@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stacks", action="store_true",
                    help="Transformers eager vs hf_shedder fast path vs mamba-ssm on the full shapes (bench_stacks.py)")
     p.add_argument("--sections", default="correctness,stacks,pruned",
-                   help="--stacks: which parts, in order: fast, correctness, stacks, pruned, anchor")
+                   help="--stacks: which parts, in order: fast (hf_shedder + mamba-ssm), correctness, stacks (all three), pruned")
     p.add_argument("--runs", type=int, default=5, help="--stacks: base/pruned pairs per speed-up point")
     p.add_argument("--eager-decode-tokens", type=int, default=32,
                    help="--stacks: new tokens for Transformers' eager decode (about 17 tok/s at batch 1)")

@@ -10,6 +10,8 @@ mamba-2.8b (Mamba-1) and mamba2-2.7b (Mamba-2), random weights:
 * **pruned / base** speed-ups for 14 of 64 blocks, 25% and 50% of blocks (Mamba-1) and 22 SSMs, 25% and
   50% of blocks (Mamba-2), base and pruned timed in alternation, ``--runs`` pairs per point: median,
   min and max of the per-pair ratios;
+* every forward and decode rate of the Transformers-model stacks has mamba-ssm's rate beside it from the
+  same run (``--sections stacks``: all three stacks; ``fast``: hf_shedder and mamba-ssm only);
 * **correctness**: max |delta logit| of the fused forward against Transformers' eager forward (bf16,
   the big shapes), and greedy tokens of CUDA-graph decode against eager decode in fp32 (smaller shapes).
 
@@ -211,83 +213,46 @@ def _first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int | None:
     return None if diff.numel() == 0 else int(diff[0])
 
 
-def stacks(presets: dict[str, dict[str, Any]], args: Any, out: dict[str, Any], save: Callable[[], None]) -> None:
-    """Forward+CE and decode for the three stacks on the base shapes."""
-    res = out.setdefault("stacks", {})
+def _rates(model: torch.nn.Module, stack: str, label: str, vocab: int, decode_tokens: int, decode_repeats: int,
+           repeats: int, entry: dict[str, Any]) -> None:
+    """Forward + CE (batch 8 and 2) and decode (batch 1 and 16) of one stack, into ``entry``."""
+    for batch in (8, 2):
+        entry[f"forward_ce_b{batch}"] = forward_ce_rate(model, batch, SEQ, vocab, repeats, hf=stack != "mamba_ssm")
+        print(f"{label} {stack} fwd+CE b{batch}: {entry[f'forward_ce_b{batch}']['tok_s']:,.0f} tok/s", flush=True)
+    for batch in (1, 16):
+        entry[f"decode_b{batch}"] = decode_rate(model, batch, decode_tokens, vocab, decode_repeats, stack)
+        print(f"{label} {stack} decode b{batch}: {entry[f'decode_b{batch}']['tok_s']:,.1f} tok/s", flush=True)
+
+
+def stacks(presets: dict[str, dict[str, Any]], args: Any, out: dict[str, Any], save: Callable[[], None],
+           section: str = "stacks", hf_stacks: tuple[str, ...] = ("hf_shedder", "transformers")) -> None:
+    """Forward+CE and decode of the Transformers-model stacks and of mamba-ssm, one shape after the other:
+    every number has mamba-ssm's beside it from the same run (``fast``: hf_shedder and mamba-ssm only)."""
+    res = out.setdefault(section, {})
     for name, preset in presets.items():
         vocab = hf_config(preset).vocab_size
         entry = res.setdefault(name, {})
         model = build_hf(preset, torch.bfloat16)
-        for stack in ("hf_shedder", "transformers"):
+        for stack in hf_stacks:
             set_stack(model, stack)
-            e = entry.setdefault(stack, {})
-            for batch in (8, 2):
-                e[f"forward_ce_b{batch}"] = forward_ce_rate(model, batch, SEQ, vocab, args.repeats, hf=True)
-                print(f"[stacks] {name} {stack} fwd+CE b{batch}: {e[f'forward_ce_b{batch}']['tok_s']:,.0f} tok/s", flush=True)
-            n = args.decode_tokens if stack == "hf_shedder" else args.eager_decode_tokens
-            reps = args.repeats if stack == "hf_shedder" else 1
-            for batch in (1, 16):
-                e[f"decode_b{batch}"] = decode_rate(model, batch, n, vocab, reps, stack)
-                print(f"[stacks] {name} {stack} decode b{batch}: {e[f'decode_b{batch}']['tok_s']:,.1f} tok/s", flush=True)
+            eager = stack == "transformers"  # about 17 tok/s at batch 1: fewer tokens, one run
+            _rates(model, stack, f"[{section}] {name}", vocab, args.eager_decode_tokens if eager else args.decode_tokens,
+                   1 if eager else args.repeats, args.repeats, entry.setdefault(stack, {}))
             save()
         del model
         gc.collect()
         torch.cuda.empty_cache()
         try:
             ref = build_mamba_ssm(preset, torch.float16)
-            e = entry.setdefault("mamba_ssm", {"dtype": "float16"})
-            for batch in (8, 2):
-                e[f"forward_ce_b{batch}"] = forward_ce_rate(ref, batch, SEQ, vocab, args.repeats, hf=False)
-                print(f"[stacks] {name} mamba_ssm fwd+CE b{batch}: {e[f'forward_ce_b{batch}']['tok_s']:,.0f} tok/s", flush=True)
-            for batch in (1, 16):
-                e[f"decode_b{batch}"] = decode_rate(ref, batch, args.decode_tokens, vocab, args.repeats, "mamba_ssm")
-                print(f"[stacks] {name} mamba_ssm decode b{batch}: {e[f'decode_b{batch}']['tok_s']:,.1f} tok/s", flush=True)
+            _rates(ref, "mamba_ssm", f"[{section}] {name}", vocab, args.decode_tokens, args.repeats, args.repeats,
+                   entry.setdefault("mamba_ssm", {"dtype": "float16"}))
             del ref
         except Exception as ex:  # keep the rest of the run
             entry["mamba_ssm_error"] = repr(ex)
-            print(f"[stacks] mamba_ssm failed: {ex!r}", flush=True)
+            print(f"[{section}] mamba_ssm failed: {ex!r}", flush=True)
         gc.collect()
         torch.cuda.empty_cache()
         save()
-
-
-def fast(presets: dict[str, dict[str, Any]], args: Any, out: dict[str, Any], save: Callable[[], None]) -> None:
-    """hf_shedder's fast path alone (forward + CE, decode): the quick re-measure of a change."""
-    res = out.setdefault("fast", {})
-    for name, preset in presets.items():
-        vocab = hf_config(preset).vocab_size
-        model = build_hf(preset, torch.bfloat16)
-        enable_fast_path(model)
-        e = res.setdefault(name, {})
-        for batch in (1, 16):
-            e[f"decode_b{batch}"] = decode_rate(model, batch, args.decode_tokens, vocab, args.repeats, "hf_shedder")
-            print(f"[fast] {name} decode b{batch}: {e[f'decode_b{batch}']['tok_s']:,.1f} tok/s", flush=True)
-        for batch in (8, 2):
-            e[f"forward_ce_b{batch}"] = forward_ce_rate(model, batch, SEQ, vocab, args.repeats, hf=True)
-            print(f"[fast] {name} fwd+CE b{batch}: {e[f'forward_ce_b{batch}']['tok_s']:,.0f} tok/s", flush=True)
-        save()
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-def anchor(presets: dict[str, dict[str, Any]], args: Any, out: dict[str, Any], save: Callable[[], None]) -> None:
-    """mamba-ssm alone, same measurements (when the other stacks were measured in an earlier run)."""
-    res = out.setdefault("anchor", {})
-    for name, preset in presets.items():
-        vocab = hf_config(preset).vocab_size
-        ref = build_mamba_ssm(preset, torch.float16)
-        e = res.setdefault(name, {"dtype": "float16"})
-        for batch in (1, 16):
-            e[f"decode_b{batch}"] = decode_rate(ref, batch, args.decode_tokens, vocab, args.repeats, "mamba_ssm")
-            print(f"[anchor] {name} mamba_ssm decode b{batch}: {e[f'decode_b{batch}']['tok_s']:,.1f} tok/s", flush=True)
-        for batch in (8, 2):
-            e[f"forward_ce_b{batch}"] = forward_ce_rate(ref, batch, SEQ, vocab, args.repeats, hf=False)
-            print(f"[anchor] {name} mamba_ssm fwd+CE b{batch}: {e[f'forward_ce_b{batch}']['tok_s']:,.0f} tok/s", flush=True)
-        save()
-        del ref
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
 PRUNED_POINTS = {
@@ -376,10 +341,8 @@ def run(presets: dict[str, dict[str, Any]], make_plan: Callable[..., Any], args:
                 stacks(presets, args, out, save)
             elif section == "pruned":
                 pruned_ratios(presets, make_plan, args, out, save, deadline)
-            elif section == "fast":
-                fast(presets, args, out, save)
-            elif section == "anchor":
-                anchor(presets, args, out, save)
+            elif section == "fast":  # hf_shedder's fast path beside mamba-ssm, without Transformers' slow eager
+                stacks(presets, args, out, save, section="fast", hf_stacks=("hf_shedder",))
             else:
                 raise ValueError(f"unknown section {section!r}")
         except Exception as ex:
