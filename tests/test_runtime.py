@@ -255,7 +255,7 @@ def test_cache_slots_and_adoption(family: str) -> None:
     values = [s.get().clone() for s in slots]
     step = _StepGraph(batch_size=2, device=torch.device("cpu"))
     step.adopt(cache)
-    assert step.owns(cache)
+    assert step.owner is cache
     assert all(s.get() is t for s, t in zip(cache_tensor_slots(cache), step.states))
     assert all(torch.equal(v, t) for v, t in zip(values, step.states))
     # A later generate call's cache: its values are copied into the same static buffers.
@@ -264,7 +264,8 @@ def test_cache_slots_and_adoption(family: str) -> None:
     new_values = [s.get().clone() for s in cache_tensor_slots(other)]
     buffers = list(step.states)
     step.adopt(other)
-    assert step.owns(other) and all(a is b for a, b in zip(step.states, buffers))
+    assert step.owner is other and all(a is b for a, b in zip(step.states, buffers))
+    assert all(s.get() is t for s, t in zip(cache_tensor_slots(other), step.states))
     assert all(torch.equal(v, t) for v, t in zip(new_values, step.states))
 
 

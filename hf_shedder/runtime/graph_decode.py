@@ -121,12 +121,8 @@ class _StepGraph:
             slot.set(static)
         try:
             self._owner = weakref.ref(cache)
-        except TypeError:  # not weak-referenceable: owns() walks the slots instead
+        except TypeError:  # not weak-referenceable: every step adopts it again (a copy per step, still correct)
             self._owner = None
-
-    def owns(self, cache: Any) -> bool:
-        slots = cache_tensor_slots(cache)
-        return len(slots) == len(self.states) and all(s.get() is t for s, t in zip(slots, self.states))
 
 
 # ---------------------------------------------------------------------- the forward wrapper
